@@ -1,0 +1,1 @@
+"""Data: readers, schema, history building, splits and the synthetic generator."""

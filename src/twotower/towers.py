@@ -1,0 +1,134 @@
+"""The query tower, the item tower and the two-tower model that owns their tables.
+
+Each tower is an embedding front (one pooled vector per feature, dense values as they
+are) followed by a ReLU MLP and, by default, L2 normalisation. The embedding tables
+belong to the model, not to a tower, so a watch history in the query tower and the
+item id in the item tower can read the same table, as in the paper.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from twotower.features import FeatureSpec, TableSpec
+
+__all__ = ["ModelConfig", "Tower", "TwoTowerModel"]
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a :class:`TwoTowerModel` (stored as JSON)."""
+
+    tables: dict[str, TableSpec]
+    query_features: list[FeatureSpec]
+    item_features: list[FeatureSpec]
+    query_hidden: list[int] = field(default_factory=lambda: [256])
+    item_hidden: list[int] = field(default_factory=lambda: [256])
+    output_dim: int = 64
+    normalize: bool = True
+    temperature: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        for side, features in (("query", self.query_features), ("item", self.item_features)):
+            if not features:
+                raise ValueError(f"the {side} tower needs at least one feature")
+            seen = [f.name for f in features]
+            if len(set(seen)) != len(seen):
+                raise ValueError(f"the {side} tower lists a feature twice: {seen}")
+        for spec in (f for f in self.query_features + self.item_features if f.kind != "dense"):
+            if spec.table_name not in self.tables:
+                raise ValueError(f"feature {spec.name!r} uses undefined table "
+                                 f"{spec.table_name!r}; tables: {sorted(self.tables)}")
+
+    def to_dict(self) -> dict:
+        return {
+            "tables": {k: {"num_buckets": t.num_buckets, "dim": t.dim}
+                       for k, t in self.tables.items()},
+            "query_features": [f.to_dict() for f in self.query_features],
+            "item_features": [f.to_dict() for f in self.item_features],
+            "query_hidden": list(self.query_hidden),
+            "item_hidden": list(self.item_hidden),
+            "output_dim": self.output_dim,
+            "normalize": self.normalize,
+            "temperature": self.temperature,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> ModelConfig:
+        data = dict(data)
+        data["tables"] = {k: TableSpec(**v) for k, v in data["tables"].items()}
+        data["query_features"] = [FeatureSpec(**f) for f in data["query_features"]]
+        data["item_features"] = [FeatureSpec(**f) for f in data["item_features"]]
+        return cls(**data)
+
+
+def _mlp(in_dim: int, hidden: Sequence[int], out_dim: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for width in hidden:
+        layers += [nn.Linear(in_dim, width), nn.ReLU()]
+        in_dim = width
+    layers.append(nn.Linear(in_dim, out_dim))
+    return nn.Sequential(*layers)
+
+
+class Tower(nn.Module):
+    """Embedding front + ReLU MLP: ``[batch] features -> [batch, output_dim]``."""
+
+    def __init__(self, features: Sequence[FeatureSpec], tables: Mapping[str, TableSpec],
+                 hidden: Sequence[int], output_dim: int, normalize: bool) -> None:
+        super().__init__()
+        self.features = list(features)
+        self.normalize = normalize
+        in_dim = sum(f.width if f.kind == "dense" else tables[f.table_name].dim
+                     for f in self.features)
+        self.mlp = _mlp(in_dim, hidden, output_dim)
+
+    def forward(self, batch: Mapping[str, object], tables: nn.ModuleDict) -> torch.Tensor:
+        parts = []
+        for spec in self.features:
+            value = batch[spec.name]
+            if spec.kind == "dense":
+                parts.append(value)
+            elif spec.kind == "id":
+                table = tables[spec.table_name]
+                parts.append(F.embedding(value, table.weight, sparse=table.sparse))
+            else:
+                values, offsets, weights = value
+                parts.append(tables[spec.table_name](values, offsets, per_sample_weights=weights))
+        out = self.mlp(torch.cat(parts, dim=1))
+        return F.normalize(out, dim=1) if self.normalize else out
+
+
+class TwoTowerModel(nn.Module):
+    """Query and item towers over shared, hashed embedding tables.
+
+    ``query(batch)`` gives ``[num_queries, output_dim]``, ``item(batch)`` gives
+    ``[num_items, output_dim]``; the serving score is their plain inner product.
+    """
+
+    def __init__(self, config: ModelConfig, sparse: bool = False) -> None:
+        super().__init__()
+        self.config = config
+        self.tables = nn.ModuleDict({
+            name: nn.EmbeddingBag(t.num_buckets, t.dim, mode="sum", sparse=sparse)
+            for name, t in config.tables.items()
+        })
+        for table in self.tables.values():
+            nn.init.normal_(table.weight, std=0.05)
+        self.query_tower = Tower(config.query_features, config.tables, config.query_hidden,
+                                 config.output_dim, config.normalize)
+        self.item_tower = Tower(config.item_features, config.tables, config.item_hidden,
+                                config.output_dim, config.normalize)
+
+    def query(self, batch: Mapping[str, object]) -> torch.Tensor:
+        return self.query_tower(batch, self.tables)
+
+    def item(self, batch: Mapping[str, object]) -> torch.Tensor:
+        return self.item_tower(batch, self.tables)
