@@ -177,9 +177,9 @@ def test_popularity_is_power_law_and_grows_with_exponent() -> None:
     flat_share, steep_share = _top1pct_share(flat), _top1pct_share(steep)
     assert flat_share > 0.03  # well above the 1% of a uniform log
     assert steep_share > flat_share + 0.2
-    # the ground-truth weights are Zipf-like: weight * rank is constant for exponent 1
+    # the ground-truth weights are Zipf: weight * rank**exponent is constant
     pop = np.sort(
-        generate(SyntheticConfig(**{**base, "events_per_day": 1}))
+        generate(SyntheticConfig(**{**base, "events_per_day": 1, "popularity_exponent": 1.0}))
         .item_truth.column("popularity")
         .to_numpy()
     )[::-1]

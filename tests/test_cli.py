@@ -1,0 +1,63 @@
+"""The command line, called through ``main([...])`` as a user would type it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from twotower.checkpoint import load_model
+from twotower.cli import main
+from twotower.data.synthetic import EPOCH, SECONDS_PER_DAY
+from twotower.index import ItemIndex
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("quickstart")
+    assert main(["quickstart", "--small", "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def test_quickstart_trains_all_modes_and_correction_helps(quickstart: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    results = json.loads((quickstart / "results.json").read_text())
+    assert list(results) == ["none", "streaming", "oracle"]
+    for metrics in results.values():
+        assert 0 <= metrics["recall@10"] <= metrics["recall@50"] <= metrics["recall@100"] <= 1
+    # The paper's finding on a skewed log: correcting for sampling bias beats plain softmax.
+    assert results["streaming"]["recall@10"] > results["none"]["recall@10"] + 0.05
+    assert results["oracle"]["recall@10"] > results["none"]["recall@10"] + 0.05
+    for mode in results:
+        _, estimator, config = load_model(quickstart / "models" / mode)
+        assert config["train"]["correction"] == mode
+        assert estimator is not None and estimator.step > 0
+        lines = (quickstart / "models" / mode / "metrics.jsonl").read_text().splitlines()
+        assert json.loads(lines[0])["loss"] > 0 and json.loads(lines[-1])["event"] == "eval"
+    index = ItemIndex.load(quickstart / "index")
+    assert len(index) == pq.read_table(quickstart / "data" / "items.parquet").num_rows
+
+
+def test_train_evaluate_index_commands(quickstart: Path, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture) -> None:
+    events, items = quickstart / "data" / "events.parquet", quickstart / "data" / "items.parquet"
+    cutoff = str(EPOCH + 3 * SECONDS_PER_DAY)
+    data = ["--events", str(events), "--items", str(items)]
+    assert main(["train", *data, "--out", str(tmp_path / "m"), "--until", cutoff,
+                 "--batch-size", "256", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "m"), *data, "--cutoff", cutoff]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["queries"] == 4000 and 0 < metrics["recall@100"] <= 1
+    assert main(["index", str(tmp_path / "m"), "--items", str(items),
+                 "--out", str(tmp_path / "ix")]) == 0
+    assert len(ItemIndex.load(tmp_path / "ix")) == pq.read_table(items).num_rows
+
+
+def test_bad_input_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code = main(["train", "--events", str(tmp_path / "nope.parquet"), "--items",
+                 str(tmp_path / "items.parquet"), "--out", str(tmp_path / "m")])
+    assert code == 2
+    assert "nope.parquet" in capsys.readouterr().err
