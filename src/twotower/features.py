@@ -46,13 +46,15 @@ class FeatureSpec:
     """One input of a tower.
 
     ``table`` names the embedding table of an ``id`` or ``id_list`` feature (default: the
-    feature's own name); two features naming the same table share it. ``width`` is the
-    number of values of a ``dense`` feature.
+    feature's own name); two features naming the same table share it. ``weights``
+    names a list column of per-id weights for an ``id_list`` (a weighted mean instead
+    of a plain one). ``width`` is the number of values of a ``dense`` feature.
     """
 
     name: str
     kind: FeatureKind
     table: str | None = None
+    weights: str | None = None
     width: int = 1
 
     def __post_init__(self) -> None:
@@ -62,6 +64,8 @@ class FeatureSpec:
             )
         if self.kind == "dense" and self.width < 1:
             raise ValueError(f"dense feature {self.name!r}: width must be >= 1")
+        if self.weights is not None and self.kind != "id_list":
+            raise ValueError(f"feature {self.name!r}: only an id_list feature takes weights")
 
     @property
     def table_name(self) -> str:
@@ -101,8 +105,11 @@ class Bag:
         return cls(values, offsets, flat_w)
 
 
-def bag_from_arrow(column: pa.Array | pa.ChunkedArray, name: str) -> Bag:
-    """A :class:`Bag` from an Arrow list column (nulls become empty bags)."""
+def bag_from_arrow(column: pa.Array | pa.ChunkedArray, name: str, numeric: bool = False) -> Bag:
+    """A :class:`Bag` from an Arrow list column (nulls become empty bags).
+
+    With ``numeric`` the list holds numbers (weights), kept as ``float32`` in ``weights``.
+    """
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)):
@@ -112,6 +119,9 @@ def bag_from_arrow(column: pa.Array | pa.ChunkedArray, name: str) -> Bag:
         column = column.fill_null(pa.scalar([], type=column.type))
     offsets = column.offsets.to_numpy().astype(np.int64)
     values = column.values.slice(offsets[0], offsets[-1] - offsets[0])
+    if numeric:
+        numbers = values.to_numpy(zero_copy_only=False).astype(np.float32)
+        return Bag(np.zeros(len(numbers), np.int64), offsets - offsets[0], numbers)
     return Bag(to_int64_ids(values), offsets - offsets[0])
 
 
@@ -157,7 +167,13 @@ class EncodedFeatures:
                     f"{where}: feature {spec.name!r} ({spec.kind}) is missing; "
                     f"got columns {sorted(columns)}"
                 )
-            encoded = _encode(spec, tables, columns[spec.name], where)
+            weights = None
+            if spec.weights is not None:
+                if spec.weights not in columns:
+                    raise KeyError(f"{where}: weights column {spec.weights!r} of feature "
+                                   f"{spec.name!r} is missing")
+                weights = columns[spec.weights]
+            encoded = _encode(spec, tables, columns[spec.name], where, weights)
             self.data[spec.name] = encoded
             lengths.add(len(encoded))
         if len(lengths) > 1:
@@ -187,8 +203,27 @@ class EncodedFeatures:
         return batch
 
 
+def _bag_weights(bag: Bag, column: object, spec: FeatureSpec, where: str) -> np.ndarray:
+    """The weights column of an id_list, checked against its bags."""
+    if isinstance(column, pa.Array | pa.ChunkedArray):
+        weights = bag_from_arrow(column, spec.weights, numeric=True)
+        offsets, values = weights.offsets, weights.weights
+    else:
+        lists = list(column)
+        offsets = np.concatenate([[0], np.cumsum([len(x) for x in lists])]).astype(np.int64)
+        values = [w for x in lists for w in x]
+    if not np.array_equal(offsets, bag.offsets):
+        raise ValueError(f"{where}: weights {spec.weights!r} of feature {spec.name!r} do not "
+                         "have one weight per id")
+    values = np.asarray(values, dtype=np.float32)
+    if not (np.isfinite(values) & (values >= 0)).all():
+        raise ValueError(f"{where}: weights {spec.weights!r} of feature {spec.name!r} must be "
+                         "finite and non-negative")
+    return values
+
+
 def _encode(spec: FeatureSpec, tables: Mapping[str, TableSpec], column: object,
-            where: str) -> object:
+            where: str, weights: object = None) -> object:
     if spec.kind == "dense":
         values = np.asarray(column.to_numpy(zero_copy_only=False)
                             if isinstance(column, pa.ChunkedArray | pa.Array) else column)
@@ -221,5 +256,7 @@ def _encode(spec: FeatureSpec, tables: Mapping[str, TableSpec], column: object,
         bag = column
     else:
         bag = Bag.from_lists(column)
+    if weights is not None:
+        bag = Bag(bag.values, bag.offsets, _bag_weights(bag, weights, spec, where))
     buckets = hash_buckets(bag.values, table.num_buckets, seed)
     return Bag(buckets, bag.offsets, _mean_weights(bag))
