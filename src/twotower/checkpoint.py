@@ -89,10 +89,17 @@ def load_model(directory: str | Path) -> tuple[TwoTowerModel, StreamingFrequency
         weights = safetensors.torch.load_file(str(directory / WEIGHTS))
     except Exception as error:  # safetensors raises its own error types for corrupt files
         raise ValueError(f"cannot read weights {directory / WEIGHTS}: {error}") from None
-    model.load_state_dict(weights)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as error:
+        raise ValueError(f"weights {directory / WEIGHTS} do not fit the model config "
+                         f"{directory / CONFIG}: {error}") from None
     model.eval()
     estimator = None
     if (directory / ESTIMATOR).exists():
-        state = safetensors.numpy.load_file(str(directory / ESTIMATOR))
-        estimator = StreamingFrequencyEstimator.from_state_dict(state)
+        try:
+            state = safetensors.numpy.load_file(str(directory / ESTIMATOR))
+            estimator = StreamingFrequencyEstimator.from_state_dict(state)
+        except Exception as error:  # safetensors' own error types, or a bad state
+            raise ValueError(f"cannot read estimator {directory / ESTIMATOR}: {error}") from None
     return model, estimator, config

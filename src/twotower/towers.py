@@ -113,11 +113,11 @@ class TwoTowerModel(nn.Module):
     ``[num_items, output_dim]``; the serving score is their plain inner product.
     """
 
-    def __init__(self, config: ModelConfig, sparse: bool = False) -> None:
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         self.tables = nn.ModuleDict({
-            name: nn.EmbeddingBag(t.num_buckets, t.dim, mode="sum", sparse=sparse)
+            name: nn.EmbeddingBag(t.num_buckets, t.dim, mode="sum")
             for name, t in config.tables.items()
         })
         for table in self.tables.values():
@@ -126,6 +126,11 @@ class TwoTowerModel(nn.Module):
                                  config.output_dim, config.normalize)
         self.item_tower = Tower(config.item_features, config.tables, config.item_hidden,
                                 config.output_dim, config.normalize)
+
+    def set_sparse(self, sparse: bool) -> None:
+        """Give the tables sparse gradients (only the rows a batch touches) or dense ones."""
+        for table in self.tables.values():
+            table.sparse = sparse
 
     def query(self, batch: Mapping[str, object]) -> torch.Tensor:
         return self.query_tower(batch, self.tables)

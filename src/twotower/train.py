@@ -23,7 +23,8 @@ from twotower.frequency import StreamingFrequencyEstimator
 from twotower.loss import in_batch_softmax_loss
 from twotower.towers import TwoTowerModel
 
-__all__ = ["CORRECTIONS", "TrainConfig", "TrainingData", "oracle_log_q", "train"]
+__all__ = ["CORRECTIONS", "TrainConfig", "TrainingData", "make_optimizers", "oracle_log_q",
+           "train"]
 
 Correction = Literal["none", "streaming", "oracle"]
 CORRECTIONS: tuple[str, ...] = ("none", "streaming", "oracle")
@@ -41,6 +42,7 @@ class TrainConfig:
     estimator_hashes: int = 1
     estimator_alpha: float = 0.01
     remove_accidental_hits: bool = True
+    sparse: bool = True
     seed: int = 0
     log_every: int = 20
 
@@ -94,6 +96,21 @@ def oracle_log_q(data: TrainingData, batch_size: int) -> np.ndarray:
     return np.log(np.maximum(p, 1e-12))
 
 
+def make_optimizers(model: TwoTowerModel, config: TrainConfig) -> list[torch.optim.Optimizer]:
+    """Adam for the towers; for the tables, lazy (sparse) Adam on the rows a batch touches.
+
+    With ``config.sparse`` a step costs the same whatever the table size, because
+    only touched rows get gradients and optimizer updates.
+    """
+    model.set_sparse(config.sparse)
+    tables = list(model.tables.parameters())
+    dense = [p for name, p in model.named_parameters() if not name.startswith("tables.")]
+    if not config.sparse:
+        return [torch.optim.Adam(tables + dense, lr=config.learning_rate)]
+    return [torch.optim.SparseAdam(tables, lr=config.learning_rate),
+            torch.optim.Adam(dense, lr=config.learning_rate)]
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -113,7 +130,7 @@ def train(model: TwoTowerModel, data: TrainingData, config: TrainConfig,
     dev = _device(device)
     model.to(dev).train()
     estimator = estimator or config.make_estimator()
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    optimizers = make_optimizers(model, config)
     oracle = oracle_log_q(data, config.batch_size) if config.correction == "oracle" else None
     log = open(metrics_path, "a") if metrics_path else None  # noqa: SIM115 - closed below
     steps_per_epoch = -(-len(data.rows) // config.batch_size)
@@ -137,9 +154,11 @@ def train(model: TwoTowerModel, data: TrainingData, config: TrainConfig,
                     query, item, torch.from_numpy(keys).to(dev), log_q,
                     torch.from_numpy(data.reward[rows]).to(dev), model.config.temperature,
                     config.remove_accidental_hits)
-                optimizer.zero_grad(set_to_none=True)
+                for optimizer in optimizers:
+                    optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                optimizer.step()
+                for optimizer in optimizers:
+                    optimizer.step()
                 examples += len(rows)
                 running.append(loss.item())
                 bar.update(1)

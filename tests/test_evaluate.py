@@ -1,0 +1,184 @@
+"""Tests for full-corpus retrieval metrics against a brute-force numpy reference."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from twotower.evaluate import GROUPS, evaluate_retrieval, popularity_groups
+from twotower.features import Bag
+
+
+def exact_embeddings(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
+    """Multiples of 1/64 in [-1, 1]: their inner products are exact in float32 whatever the
+    summation order, so torch and numpy see the same scores (and the same ties)."""
+    return (rng.integers(-64, 65, size=(n, dim)) / 64).astype(np.float32)
+
+
+def reference_metrics(query, items, positives, train_counts, ks, exclude_lists) -> dict:
+    """Per query: mask excluded items (never the positive), rank = items scoring >= positive."""
+    scores = query.astype(np.float64) @ items.astype(np.float64).T
+    ranks, tops = [], []
+    top_k = min(max(ks), len(items))
+    for q in range(len(query)):
+        row = scores[q].copy()
+        for j in (exclude_lists[q] if exclude_lists is not None else []):
+            if j != positives[q]:
+                row[j] = -np.inf
+        ranks.append(sum(1 for j in range(len(items)) if j != positives[q]
+                         and row[j] >= row[positives[q]]))
+        order = np.argsort(-row, kind="stable")
+        # The top-k set is only well defined without a tie across its boundary.
+        if top_k < len(items):
+            assert row[order[top_k - 1]] > row[order[top_k]], "tie at the top-k boundary"
+        tops.append(order[:top_k])
+    ranks = np.array(ranks)
+    groups = popularity_groups(train_counts)[positives]
+    out = {"queries": float(len(query))}
+    for k in ks:
+        out[f"recall@{k}"] = float(np.mean(ranks < k))
+    out["ndcg@10"] = float(np.mean([1 / math.log2(r + 2) if r < 10 else 0.0 for r in ranks]))
+    for g, name in enumerate(GROUPS):
+        mask = groups == g
+        out[f"recall@{top_k}/{name}"] = (float(np.mean(ranks[mask] < top_k)) if mask.any()
+                                          else float("nan"))
+    for k in ks:
+        out[f"coverage@{k}"] = len({int(j) for top in tops for j in top[:k]}) / len(items)
+    return out
+
+
+def assert_metrics_equal(got: dict, expected: dict) -> None:
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        if math.isnan(value):
+            assert math.isnan(got[key]), key
+        else:
+            assert got[key] == pytest.approx(value, abs=1e-12), key
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("with_exclude", [False, True])
+def test_matches_brute_force(seed, with_exclude):
+    rng = np.random.default_rng(seed)
+    num_items, num_queries, dim = int(rng.integers(12, 60)), int(rng.integers(1, 40)), 6
+    items = (rng.standard_normal((num_items, dim))).astype(np.float32)
+    query = (rng.standard_normal((num_queries, dim))).astype(np.float32)
+    positives = rng.integers(0, num_items, num_queries)
+    train_counts = rng.integers(0, 20, num_items) * (rng.random(num_items) < 0.7)
+    ks = (1, 3, 5)
+    exclude_lists = None
+    exclude = None
+    if with_exclude:
+        exclude_lists = [rng.integers(0, num_items, int(rng.integers(0, 6))).tolist()
+                         for _ in range(num_queries)]
+        for q in range(num_queries):  # sometimes the positive itself is listed: kept
+            if rng.random() < 0.3:
+                exclude_lists[q].append(int(positives[q]))
+        exclude = Bag.from_lists(exclude_lists)
+    got = evaluate_retrieval(torch.from_numpy(query), torch.from_numpy(items), positives,
+                             train_counts, ks, exclude)
+    expected = reference_metrics(query, items, positives, train_counts, ks, exclude_lists)
+    assert_metrics_equal(got, expected)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_ties_are_pessimistic_on_random_exact_scores(seed):
+    rng = np.random.default_rng(100 + seed)
+    num_items, num_queries = 40, 30
+    items = exact_embeddings(rng, num_items, 2)
+    items[num_items // 2:] = items[: num_items // 2]  # every item has a duplicate
+    items = np.round(items * 2) / 2  # coarse values: many more ties
+    query = np.round(exact_embeddings(rng, num_queries, 2) * 2) / 2
+    query = query.astype(np.float32)
+    positives = rng.integers(0, num_items, num_queries)
+    got = evaluate_retrieval(torch.from_numpy(query), torch.from_numpy(items.astype(np.float32)),
+                             positives, np.ones(num_items, np.int64), ks=(1, 5, 10))
+    scores = query.astype(np.float64) @ items.astype(np.float64).T
+    ranks = np.array([(scores[q] >= scores[q, positives[q]]).sum() - 1
+                      for q in range(num_queries)])
+    assert (ranks >= 1).all()  # the duplicate always ties with the positive
+    for k in (1, 5, 10):
+        assert got[f"recall@{k}"] == pytest.approx(np.mean(ranks < k), abs=1e-12)
+    assert got["recall@1"] == 0.0
+    assert got["ndcg@10"] == pytest.approx(
+        np.mean(np.where(ranks < 10, 1 / np.log2(ranks + 2), 0.0)), abs=1e-12)
+
+
+def test_small_known_example_with_ties():
+    query = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    items = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
+    # Query 0, positive 0: item 1 ties -> rank 1. Query 1, positive 1: item 0 ties -> rank 1.
+    # Query 2, positive 2: items 0, 1, 3 score higher -> rank 3. Query 3, positive 2: rank 0.
+    positives = np.array([0, 1, 2, 2])
+    got = evaluate_retrieval(query, items, positives, np.array([5, 1, 1, 0]), ks=(1, 2, 3))
+    assert got["queries"] == 4.0
+    assert got["recall@1"] == 0.25
+    assert got["recall@2"] == 0.75
+    assert got["recall@3"] == 0.75
+    expected_ndcg = (1 / math.log2(3) + 1 / math.log2(3) + 1 / math.log2(5) + 1) / 4
+    assert got["ndcg@10"] == pytest.approx(expected_ndcg, abs=1e-12)
+
+
+def test_exclude_known_example():
+    query = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    items = torch.tensor([[3.0, 0.0], [2.0, 0.0], [1.0, 0.0], [0.0, 0.0]])
+    positives = np.array([2, 1])
+    # Query 0 excludes items 0 and 2 (its positive: kept) -> rank 1 (item 1 only).
+    # Query 1 excludes items 0, 0 (repeat) and 3 -> rank 0.
+    exclude = Bag.from_lists([[0, 2], [0, 0, 3]])
+    got = evaluate_retrieval(query, items, positives, np.ones(4, np.int64), ks=(1, 2),
+                             exclude=exclude)
+    assert got["recall@1"] == 0.5
+    assert got["recall@2"] == 1.0
+    no_exclude = evaluate_retrieval(query, items, positives, np.ones(4, np.int64), ks=(1, 2))
+    assert no_exclude["recall@1"] == 0.0 and no_exclude["recall@2"] == 0.5
+
+
+def test_coverage_known_example():
+    # Every query prefers item 0 then item 1: the top-1 lists cover 1 item of 4, top-2 2.
+    query = torch.tensor([[1.0, 0.0], [2.0, 0.0], [1.0, 0.1]])
+    items = torch.tensor([[4.0, 0.0], [3.0, 0.0], [1.0, 0.0], [0.0, 0.0]])
+    got = evaluate_retrieval(query, items, np.array([0, 1, 2]), np.ones(4, np.int64),
+                             ks=(1, 2))
+    assert got["coverage@1"] == 0.25
+    assert got["coverage@2"] == 0.5
+
+
+def test_many_chunks_match_brute_force():
+    # Enough items that queries are scored in more than one chunk (chunk = 2**25 // items).
+    rng = np.random.default_rng(7)
+    num_items, num_queries, dim = 20_000, 1_700, 4
+    items = exact_embeddings(rng, num_items, dim)
+    query = exact_embeddings(rng, num_queries, dim)
+    positives = rng.integers(0, num_items, num_queries)
+    exclude_lists = [rng.integers(0, num_items, int(rng.integers(0, 4))).tolist()
+                     + ([int(positives[q])] if q % 5 == 0 else [])
+                     for q in range(num_queries)]
+    got = evaluate_retrieval(torch.from_numpy(query), torch.from_numpy(items), positives,
+                             np.ones(num_items, np.int64), ks=(10,),
+                             exclude=Bag.from_lists(exclude_lists))
+    scores = query @ items.T  # exact in float32
+    rows = np.repeat(np.arange(num_queries), [len(x) for x in exclude_lists])
+    cols = np.array([j for x in exclude_lists for j in x], dtype=np.int64)
+    keep = cols != positives[rows]
+    scores[rows[keep], cols[keep]] = -np.inf
+    positive = scores[np.arange(num_queries), positives]
+    ranks = (scores >= positive[:, None]).sum(1) - 1
+    assert got["recall@10"] == pytest.approx(np.mean(ranks < 10), abs=1e-12)
+    assert got["ndcg@10"] == pytest.approx(
+        np.mean(np.where(ranks < 10, 1 / np.log2(ranks + 2), 0.0)), abs=1e-12)
+
+
+def test_popularity_groups_known_example():
+    counts = np.array([10, 0, 40, 20, 10, 20, 0])
+    # By count: item 2 (40), 3 (20), 5 (20), 0 (10), 4 (10), then the unseen 1 and 6.
+    # Share of events before each: 0, .4, .6, .8, .9 -> head, torso, torso, tail, tail.
+    assert popularity_groups(counts).tolist() == [2, 2, 0, 1, 2, 1, 2]
+    # One item with almost every event is the whole head; unseen items are always tail.
+    assert popularity_groups(np.array([1, 100, 1, 0])).tolist() == [2, 0, 2, 2]
+    assert popularity_groups(np.zeros(3, np.int64)).tolist() == [2, 2, 2]
+    assert popularity_groups(np.array([3, 3, 3, 3, 3, 3, 3, 3, 3])).tolist() == [
+        0, 0, 0, 1, 1, 1, 2, 2, 2]

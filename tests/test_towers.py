@@ -1,0 +1,121 @@
+"""Tests for the model config and the two towers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from twotower.features import EncodedFeatures, FeatureSpec, TableSpec
+from twotower.towers import ModelConfig, TwoTowerModel
+
+
+def make_config(**overrides) -> ModelConfig:
+    fields = dict(
+        tables={"item": TableSpec(64, 4), "user": TableSpec(32, 3)},
+        query_features=[FeatureSpec("user_id", "id", table="user"),
+                        FeatureSpec("history", "id_list", table="item"),
+                        FeatureSpec("age", "dense")],
+        item_features=[FeatureSpec("item_id", "id", table="item"),
+                       FeatureSpec("xy", "dense", width=2)],
+        query_hidden=[16, 8],
+        item_hidden=[12],
+        output_dim=6,
+        normalize=True,
+        temperature=0.1,
+    )
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+def batches(config: ModelConfig, n: int = 5) -> tuple[dict, dict]:
+    rng = np.random.default_rng(0)
+    queries = EncodedFeatures(config.query_features, config.tables, {
+        "user_id": rng.integers(0, 100, n),
+        "history": [rng.integers(0, 100, int(k)).tolist() for k in rng.integers(0, 4, n)],
+        "age": rng.random(n),
+    })
+    items = EncodedFeatures(config.item_features, config.tables, {
+        "item_id": rng.integers(0, 100, n), "xy": rng.random((n, 2)),
+    })
+    return queries.take(np.arange(n)), items.take(np.arange(n))
+
+
+def test_config_round_trip():
+    config = make_config()
+    data = config.to_dict()
+    again = ModelConfig.from_dict(json.loads(json.dumps(data)))
+    assert again == config
+    assert again.to_dict() == data
+
+
+def test_config_defaults_round_trip():
+    config = ModelConfig(tables={"t": TableSpec(8, 2)},
+                         query_features=[FeatureSpec("q", "id", table="t")],
+                         item_features=[FeatureSpec("i", "id", table="t")])
+    assert ModelConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_output_shapes_and_normalisation(normalize):
+    config = make_config(normalize=normalize)
+    torch.manual_seed(0)
+    model = TwoTowerModel(config)
+    query_batch, item_batch = batches(config, n=5)
+    q, v = model.query(query_batch), model.item(item_batch)
+    assert q.shape == (5, 6) and v.shape == (5, 6)
+    assert q.dtype == v.dtype == torch.float32
+    norms = torch.cat([q.norm(dim=1), v.norm(dim=1)])
+    if normalize:
+        torch.testing.assert_close(norms, torch.ones(10))
+    else:
+        assert not torch.allclose(norms, torch.ones(10), atol=1e-3)
+
+
+@pytest.mark.parametrize("hidden", [[], [7], [9, 5, 3]])
+def test_mlp_depth_follows_hidden(hidden):
+    config = make_config(query_hidden=hidden, item_hidden=list(reversed(hidden)))
+    model = TwoTowerModel(config)
+    for mlp, widths, in_dim in ((model.query_tower.mlp, hidden, 3 + 4 + 1),
+                                (model.item_tower.mlp, list(reversed(hidden)), 4 + 2)):
+        linears = [m for m in mlp if isinstance(m, nn.Linear)]
+        assert len(linears) == len(widths) + 1
+        assert [m.out_features for m in linears] == [*widths, 6]
+        assert linears[0].in_features == in_dim
+        assert sum(isinstance(m, nn.ReLU) for m in mlp) == len(widths)
+
+
+def test_tables_belong_to_the_model():
+    model = TwoTowerModel(make_config())
+    assert sorted(model.tables) == ["item", "user"]
+    assert model.tables["item"].weight.shape == (64, 4)
+    assert model.tables["user"].weight.shape == (32, 3)
+    assert not any(n.startswith(("query_tower.", "item_tower.")) and "weight" in n
+                   and p.shape in ((64, 4), (32, 3)) for n, p in model.named_parameters())
+
+
+def test_undefined_table():
+    with pytest.raises(ValueError, match="'history' uses undefined table 'item'"):
+        make_config(tables={"user": TableSpec(32, 3)})
+
+
+@pytest.mark.parametrize("side", ["query", "item"])
+def test_duplicate_feature(side):
+    feature = FeatureSpec("item_id", "id", table="item")
+    with pytest.raises(ValueError, match=f"the {side} tower lists a feature twice"):
+        make_config(**{f"{side}_features": [feature, feature]})
+
+
+@pytest.mark.parametrize("side", ["query", "item"])
+def test_no_features(side):
+    with pytest.raises(ValueError, match=f"the {side} tower needs at least one feature"):
+        make_config(**{f"{side}_features": []})
+
+
+@pytest.mark.parametrize("temperature", [0.0, -0.05])
+def test_temperature_must_be_positive(temperature):
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        make_config(temperature=temperature)
