@@ -23,28 +23,87 @@ Choices the paper leaves open (see DESIGN.md section 1, "What exact means here")
   that is actually populated, so all items are read the same way.
 
 A, the last step, is ``int64`` so ``t - A`` stays exact past 2**53 steps. The update is
-vectorised and gives arrays bit-identical to the plain per-item loop (kept in the tests).
+vectorised (no sort in the common case, see ``_update``) and gives arrays bit-identical to
+the plain per-item loop kept in the tests; ``benchmarks/frequency`` measures it against that
+loop and against a bare gather-plus-scatter.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
+import torch.distributed as dist
 
-from twotower.hashing import hash_buckets, seed_for, to_int64_ids
+from twotower.hashing import seed_for, splitmix64, to_int64_ids
 
-__all__ = ["StreamingFrequencyEstimator"]
+__all__ = ["StreamingFrequencyEstimator", "gather_global_ids"]
 
 _MASK64 = 0xFFFFFFFFFFFFFFFF
+_MARKER_ROUNDS = 4  # buckets shared by more distinct ids in one step are counted by sorting
 
 
 def _flat_ids(item_ids: object) -> np.ndarray:
-    return to_int64_ids(item_ids).ravel()
+    return np.ascontiguousarray(to_int64_ids(item_ids).ravel())
+
+
+def gather_global_ids(local_ids: object,
+                      group: dist.ProcessGroup | None = None) -> tuple[np.ndarray, int]:
+    """The global batch's ids, every rank's ids in rank order, and where this rank's start.
+
+    Ranks may hold different numbers of ids: each is padded to the longest and the lengths
+    are gathered alongside. Every rank gets the same array, so replicas that apply it with
+    :meth:`StreamingFrequencyEstimator.update` stay identical. Without an initialised
+    ``torch.distributed`` group this is a world of one: ``(ids, 0)``.
+    """
+    ids = _flat_ids(local_ids)
+    if not (dist.is_available() and dist.is_initialized()):
+        return ids, 0
+    nccl = dist.get_backend(group) == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    size = torch.tensor([ids.size], dtype=torch.int64, device=device)
+    sizes = [torch.empty_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size, group=group)
+    lengths = [int(s) for s in sizes]
+    padded = torch.zeros(max(lengths), dtype=torch.int64, device=device)
+    padded[:ids.size] = torch.tensor(ids, device=device)
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded, group=group)
+    parts = [g[:n].cpu().numpy() for g, n in zip(gathered, lengths, strict=True)]
+    return np.concatenate(parts), sum(lengths[:rank])
+
+
+def _shrink_by_distinct(new: np.ndarray, target: np.ndarray, ids: np.ndarray,
+                        keep: float) -> None:
+    """``new[i] *= keep`` once per distinct id paired with ``i`` in ``(target, ids)``, by
+    sorting: for buckets shared by many distinct ids, where marker rounds would be slow."""
+    order = np.lexsort((ids, target))
+    target, ids = target[order], ids[order]
+    first = np.ones(target.size, dtype=bool)
+    first[1:] = (target[1:] != target[:-1]) | (ids[1:] != ids[:-1])
+    targets, counts = np.unique(target[first], return_counts=True)
+    for depth in range(1, int(counts.max()) + 1):
+        new[targets[counts >= depth]] *= keep
 
 
 class StreamingFrequencyEstimator:
     """Estimate of each item's per-step sampling probability (Algorithms 2 and 3).
 
-    ``update(ids)`` is one training step; ``probability(ids)`` reads without changing state.
+    ``update(ids)`` is one training step; ``probability(ids)`` reads without changing state;
+    ``update_and_probability(ids)`` does both and hashes the ids once (what a training step
+    needs: the batch's estimate read after its update). Ids are integers or strings
+    (strings go through the features' stable hash, :func:`twotower.hashing.to_int64_ids`),
+    so no item vocabulary is needed.
+
+    State: per hash, ``A`` (``int64``, last step seen; 0 = never) and ``B`` (``float64``,
+    steps between sightings): 16 bytes per bucket per hash, ``16 * num_hashes * num_buckets``
+    bytes in all (:attr:`nbytes`; 16 MiB for ``2**20`` buckets and one hash). Steps are
+    ``int64``, so ``t - A`` is exact for any step below ``2**63``.
+
+    Distributed training: keep one replica per worker and feed every replica the global
+    batch, each rank's ids in rank order, once per step (:meth:`update_global`, or
+    ``update(gather_global_ids(ids)[0])``). The update is deterministic, so the replicas stay
+    bit-identical to one estimator fed the same global batches.
     """
 
     def __init__(self, num_buckets: int, num_hashes: int = 1, alpha: float = 0.01,
@@ -65,7 +124,11 @@ class StreamingFrequencyEstimator:
         self.num_hashes = int(num_hashes)
         self.alpha = alpha
         self.seed = int(seed) & _MASK64
-        self._seeds = [seed_for(f"frequency/{i}") ^ self.seed for i in range(self.num_hashes)]
+        self._seeds = np.array([seed_for(f"frequency/{i}") ^ self.seed
+                                for i in range(self.num_hashes)], dtype=np.uint64)[:, None]
+        # Row i of the flattened state starts at i * num_buckets.
+        self._row_start = (np.arange(self.num_hashes, dtype=np.int64)
+                           * self.num_buckets)[:, None]
         shape = (self.num_hashes, self.num_buckets)
         self._last_step = np.zeros(shape, dtype=np.int64)  # A
         self._interval = np.zeros(shape, dtype=np.float64)  # B
@@ -89,50 +152,103 @@ class StreamingFrequencyEstimator:
 
     @property
     def nbytes(self) -> int:
-        """Memory held by the state arrays."""
+        """Memory held by the state arrays: 16 bytes per bucket per hash."""
         return int(self._last_step.nbytes + self._interval.nbytes)
 
     def buckets(self, item_ids: object) -> np.ndarray:
-        """Bucket of each id under each hash: ``[num_hashes, n]`` ``int64`` (ids flattened)."""
-        ids = _flat_ids(item_ids)
-        out = np.empty((self.num_hashes, ids.size), dtype=np.int64)
-        for i, s in enumerate(self._seeds):
-            out[i] = hash_buckets(ids, self.num_buckets, s)
-        return out
+        """Bucket of each id under each hash: ``[num_hashes, n]`` ``int64`` (ids flattened).
+
+        Hash ``i`` is :func:`twotower.hashing.hash_buckets` with seed
+        ``seed_for(f"frequency/{i}") ^ seed``, computed for all hashes in one pass.
+        """
+        x = splitmix64(_flat_ids(item_ids).view(np.uint64)[None, :] ^ self._seeds)
+        h = self.num_buckets
+        # A power of two: the same remainder as ``%``, without a slow 64-bit division.
+        x = x & np.uint64(h - 1) if h & (h - 1) == 0 else x % np.uint64(h)
+        return x.view(np.int64)
 
     def update(self, item_ids: object) -> None:
         """One training step over the batch's distinct ids (an empty batch still counts)."""
-        distinct = np.unique(_flat_ids(item_ids))
+        self._update(_flat_ids(item_ids))
+
+    def update_and_probability(self, item_ids: object) -> np.ndarray:
+        """:meth:`update`, then :meth:`probability` of the same ids, hashing them once."""
+        return self._update(_flat_ids(item_ids))
+
+    def update_global(self, local_ids: object,
+                      group: dist.ProcessGroup | None = None) -> np.ndarray:
+        """One distributed step: update with the global batch (see :func:`gather_global_ids`)
+        and return the probabilities of this rank's ids. Every rank must call it each step."""
+        local = _flat_ids(local_ids)
+        ids, start = gather_global_ids(local, group)
+        return self._update(ids)[start:start + local.size]
+
+    def _flat_buckets(self, ids: np.ndarray) -> np.ndarray:
+        """``[num_hashes * n]``: each id's bucket under each hash, as an index into the
+        flattened state (hash ``i``'s row starts at ``i * num_buckets``)."""
+        flat = self.buckets(ids)
+        if self.num_hashes > 1:
+            flat = flat + self._row_start
+        return flat.reshape(-1)
+
+    def _update(self, ids: np.ndarray) -> np.ndarray:
+        """Apply step ``t`` for ``ids`` (``[n]`` ``int64``) and return their probabilities.
+
+        The plain loop visits each distinct id once; the first distinct id into a bucket
+        sets ``B <- (1 - alpha) B + alpha (t - A)`` and every further one sees ``t - A == 0``,
+        i.e. ``B <- (1 - alpha) B``, so order within a step does not matter, only how many
+        distinct ids share each bucket. That is found without sorting: every element writes
+        its own negative marker into ``A`` (never a real step) and reads back the marker that
+        stayed, its bucket's "winner"; elements whose id differs from their winner's (rare
+        collisions) go through the same again, a few rounds, then a sort for what is left.
+        """
         t = self._step + 1
-        alpha = self.alpha
-        keep = 1.0 - alpha
-        for i, s in enumerate(self._seeds):
-            hit, counts = np.unique(hash_buckets(distinct, self.num_buckets, s),
-                                    return_counts=True)
-            if hit.size == 0:
-                continue
-            last = self._last_step[i, hit]
-            # The first distinct item into each bucket: the same expression as the plain loop.
-            new = np.where(last > 0, keep * self._interval[i, hit] + alpha * (t - last),
-                           np.float64(t))
-            # Each further distinct item into the bucket this step sees ``t - A == 0``; order
-            # does not matter, so apply them by collision depth, not item by item.
-            for k in range(1, int(counts.max())):
-                deeper = counts > k
-                new[deeper] = keep * new[deeper] + alpha * 0.0
-            self._interval[i, hit] = new
-            self._last_step[i, hit] = t
         self._step = t
+        n = ids.size
+        if n == 0:
+            return np.zeros(0, dtype=np.float64)
+        last_step, interval = self._last_step.reshape(-1), self._interval.reshape(-1)
+        flat = self._flat_buckets(ids)  # element e = (hash e // n, id e % n)
+        ids = np.tile(ids, self.num_hashes) if self.num_hashes > 1 else ids
+        position = np.arange(flat.size, dtype=np.int64)
+        last = last_step[flat]
+        last_step[flat] = -1 - position
+        winner = -1 - last_step[flat]
+        win = np.flatnonzero(winner == position)
+        win_flat, win_last = flat[win], last[win]
+        alpha, keep = self.alpha, 1.0 - self.alpha
+        # The same expression as the plain loop; a never-seen bucket (A == 0) gets B = t.
+        new = np.where(win_last > 0, keep * interval[win_flat] + alpha * (t - win_last),
+                       np.float64(t))
+        rest = np.flatnonzero(ids[winner] != ids)
+        if rest.size:
+            rank = np.empty(flat.size, dtype=np.int64)
+            rank[win] = np.arange(win.size)
+            for _ in range(_MARKER_ROUNDS):  # one more distinct id per crowded bucket a round
+                last_step[flat[rest]] = -1 - rest
+                again = -1 - last_step[flat[rest]]
+                new[rank[winner[again[again == rest]]]] *= keep  # keep * B + alpha * 0
+                rest = rest[ids[again] != ids[rest]]
+            if rest.size:
+                _shrink_by_distinct(new, rank[winner[rest]], ids[rest], keep)
+        interval[win_flat] = new
+        last_step[win_flat] = t
+        after = np.empty(flat.size, dtype=np.float64)
+        after[win] = new
+        after = after[winner]
+        if self.num_hashes > 1:
+            after = after.reshape(self.num_hashes, n).max(axis=0)
+        return 1.0 / np.maximum(after, 1.0)
 
     def probability(self, item_ids: object) -> np.ndarray:
         """Estimated probability that each id is in a batch: ``[n]`` ``float64`` in (0, 1]."""
-        b = self.buckets(item_ids)
-        if b.shape[1] == 0:
-            return np.zeros(0, dtype=np.float64)
-        rows = np.arange(self.num_hashes)[:, None]
-        seen = self._last_step[rows, b] > 0
-        effective = np.where(seen, self._interval[rows, b], np.float64(self._step + 1))
-        return 1.0 / np.maximum(effective.max(axis=0), 1.0)
+        ids = _flat_ids(item_ids)
+        flat = self._flat_buckets(ids)
+        seen = self._last_step.reshape(-1)[flat] > 0
+        effective = np.where(seen, self._interval.reshape(-1)[flat], np.float64(self._step + 1))
+        if self.num_hashes > 1:
+            effective = effective.reshape(self.num_hashes, ids.size).max(axis=0)
+        return 1.0 / np.maximum(effective, 1.0)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Self-describing state of plain contiguous numpy arrays (fits safetensors)."""

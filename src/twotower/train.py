@@ -142,10 +142,10 @@ def train(model: TwoTowerModel, data: TrainingData, config: TrainConfig,
         for epoch in range(config.epochs):
             for rows in data.batches(config.batch_size):
                 keys = data.item_key[rows]
-                estimator.update(keys)
+                probability = estimator.update_and_probability(keys)
                 log_q = None
                 if config.correction == "streaming":
-                    log_q = torch.from_numpy(np.log(estimator.probability(keys))).to(dev)
+                    log_q = torch.from_numpy(np.log(probability)).to(dev)
                 elif config.correction == "oracle":
                     log_q = torch.from_numpy(oracle[data.item_row[rows]]).to(dev)
                 query = model.query(data.queries.take(rows, dev))
