@@ -36,6 +36,9 @@ def test_quickstart_trains_all_modes_and_correction_helps(quickstart: Path,
         assert estimator is not None and estimator.step > 0
         lines = (quickstart / "models" / mode / "metrics.jsonl").read_text().splitlines()
         assert json.loads(lines[0])["loss"] > 0 and json.loads(lines[-1])["event"] == "eval"
+    report = (quickstart / "report" / "report.html").read_text()
+    assert "streaming against none: recall@10" in report
+    assert report.count("data:image/png;base64,") == 4  # self-contained: plots embedded
     index = ItemIndex.load(quickstart / "index")
     assert len(index) == pq.read_table(quickstart / "data" / "items.parquet").num_rows
 
@@ -61,3 +64,11 @@ def test_bad_input_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixtur
                  str(tmp_path / "items.parquet"), "--out", str(tmp_path / "m")])
     assert code == 2
     assert "nope.parquet" in capsys.readouterr().err
+
+
+def test_simulate_command_writes_table_and_plots(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    assert main(["simulate", "--out", str(tmp_path), "--steps", "400"]) == 0
+    assert "alpha=0.2" in capsys.readouterr().out
+    for name in ("errors.csv", "summary.csv", "alpha.png", "hashes.png"):
+        assert (tmp_path / name).stat().st_size > 0

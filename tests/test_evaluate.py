@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from twotower.evaluate import GROUPS, evaluate_retrieval, popularity_groups
+from twotower.evaluate import (
+    GROUPS,
+    Rankings,
+    evaluate_retrieval,
+    exact_rankings,
+    index_rankings,
+    popularity_deciles,
+    popularity_groups,
+    retrieval_metrics,
+)
 from twotower.features import Bag
 
 
@@ -40,13 +49,26 @@ def reference_metrics(query, items, positives, train_counts, ks, exclude_lists) 
     out = {"queries": float(len(query))}
     for k in ks:
         out[f"recall@{k}"] = float(np.mean(ranks < k))
-    out["ndcg@10"] = float(np.mean([1 / math.log2(r + 2) if r < 10 else 0.0 for r in ranks]))
+    for k in ks:
+        out[f"ndcg@{k}"] = float(np.mean([1 / math.log2(r + 2) if r < k else 0.0
+                                          for r in ranks]))
     for g, name in enumerate(GROUPS):
         mask = groups == g
         out[f"recall@{top_k}/{name}"] = (float(np.mean(ranks[mask] < top_k)) if mask.any()
                                           else float("nan"))
+    by_count = sorted(range(len(items)), key=lambda j: (-train_counts[j], j))
+    decile = {j: place * 10 // len(items) for place, j in enumerate(by_count)}
+    for d in range(10):
+        mask = np.array([decile[int(p)] == d for p in positives])
+        out[f"recall@{top_k}/decile{d + 1}"] = (float(np.mean(ranks[mask] < top_k))
+                                                if mask.any() else float("nan"))
     for k in ks:
         out[f"coverage@{k}"] = len({int(j) for top in tops for j in top[:k]}) / len(items)
+    listed = [int(j) for top in tops for j in top]
+    total = sum(int(c) for c in train_counts) + len(items)
+    out[f"novelty@{top_k}"] = float(np.mean([-math.log((train_counts[j] + 1) / total)
+                                             for j in listed]))
+    out[f"popularity@{top_k}"] = float(np.mean([train_counts[j] for j in listed]))
     return out
 
 
@@ -118,8 +140,10 @@ def test_small_known_example_with_ties():
     assert got["recall@1"] == 0.25
     assert got["recall@2"] == 0.75
     assert got["recall@3"] == 0.75
-    expected_ndcg = (1 / math.log2(3) + 1 / math.log2(3) + 1 / math.log2(5) + 1) / 4
-    assert got["ndcg@10"] == pytest.approx(expected_ndcg, abs=1e-12)
+    # Ranks 1, 1, 3, 0: NDCG@3 counts all but rank 3.
+    expected_ndcg = (1 / math.log2(3) + 1 / math.log2(3) + 1) / 4
+    assert got["ndcg@3"] == pytest.approx(expected_ndcg, abs=1e-12)
+
 
 
 def test_exclude_known_example():
@@ -182,3 +206,44 @@ def test_popularity_groups_known_example():
     assert popularity_groups(np.zeros(3, np.int64)).tolist() == [2, 2, 2]
     assert popularity_groups(np.array([3, 3, 3, 3, 3, 3, 3, 3, 3])).tolist() == [
         0, 0, 0, 1, 1, 1, 2, 2, 2]
+
+
+def test_popularity_deciles_known_example():
+    counts = np.array([0, 5, 9, 1, 9, 3, 0, 7, 2, 4, 8, 6, 1, 0, 0, 2, 3, 5, 1, 0])
+    deciles = popularity_deciles(counts)
+    # 20 items: two per decile, by count descending, ties in item order.
+    assert deciles[[2, 4]].tolist() == [0, 0] and deciles[[10, 7]].tolist() == [1, 1]
+    assert np.bincount(deciles).tolist() == [2] * 10
+
+
+@pytest.mark.parametrize("with_exclude", [False, True])
+def test_index_path_equals_exact_path_with_an_exact_index(with_exclude):
+    from twotower.index import ItemIndex
+
+    rng = np.random.default_rng(3)
+    num_items, num_queries, dim = 300, 50, 8
+    items = exact_embeddings(rng, num_items, dim)
+    query = exact_embeddings(rng, num_queries, dim)
+    positives = rng.integers(0, num_items, num_queries)
+    exclude = Bag.from_lists([rng.integers(0, num_items, 5).tolist()
+                              for _ in range(num_queries)]) if with_exclude else None
+    index = ItemIndex.build(items, np.arange(num_items) + 1000, "Flat")
+    counts = rng.integers(0, 9, num_items)
+    exact = exact_rankings(torch.from_numpy(query), torch.from_numpy(items), positives, 20,
+                           exclude)
+    through = index_rankings(index, query, positives, 20, exclude)
+    hit = exact.ranks < 20
+    assert np.array_equal(through.ranks < 20, hit)
+    assert np.array_equal(through.ranks[hit], exact.ranks[hit])
+    assert retrieval_metrics(through, positives, counts, (5, 20)) == pytest.approx(
+        retrieval_metrics(exact, positives, counts, (5, 20)), nan_ok=True)
+
+
+def test_bootstrap_interval_brackets_the_mean():
+    rng = np.random.default_rng(0)
+    ranks = rng.integers(0, 40, 500)
+    rankings = Rankings(ranks, np.zeros((500, 10), np.int64))
+    got = retrieval_metrics(rankings, np.zeros(500, np.int64), np.ones(50), (10,),
+                            bootstrap=200)
+    assert got["recall@10/ci_low"] < got["recall@10"] < got["recall@10/ci_high"]
+    assert got["recall@10/ci_high"] - got["recall@10/ci_low"] < 0.15

@@ -162,3 +162,42 @@ def test_masked_column_gets_no_gradient():
 def test_masking_needs_ids():
     with pytest.raises(ValueError, match="candidate_ids"):
         in_batch_softmax_loss(t(Q3), t(C3))
+
+
+def _dense_reference(query, candidate, ids, log_q, reward, temperature, positives):
+    """The loss written with a full ``[batch, candidates]`` mask, as the formula reads."""
+    scores = query @ candidate.T / temperature - log_q[None, :]
+    hits = ids[positives][:, None] == ids[None, :]
+    hits[torch.arange(len(query)), positives] = False
+    scores = scores.masked_fill(hits, torch.finfo(scores.dtype).min)
+    return (torch.nn.functional.cross_entropy(scores, positives, reduction="none")
+            * reward).mean()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_sorted_hit_masking_equals_the_dense_mask(seed):
+    # Many repeats (popular items); queries pointing into a larger, gathered batch.
+    g = torch.Generator().manual_seed(seed)
+    num_candidates, batch, start = 40, 13, 9
+    query = torch.randn(batch, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    candidate = torch.randn(num_candidates, 4, generator=g, dtype=torch.float64,
+                            requires_grad=True)
+    ids = torch.randint(0, 6, (num_candidates,), generator=g)
+    log_q = torch.rand(num_candidates, generator=g, dtype=torch.float64).log()
+    reward = torch.rand(batch, generator=g, dtype=torch.float64)
+    positives = torch.arange(start, start + batch)
+    got = in_batch_softmax_loss(query, candidate, ids, log_q, reward, 0.3, True, positives)
+    grads = torch.autograd.grad(got, (query, candidate))
+    expected = _dense_reference(query, candidate, ids, log_q, reward, 0.3, positives)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-12)
+    for a, b in zip(grads, torch.autograd.grad(expected, (query, candidate)), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_a_second_backward_is_refused_not_wrong():
+    query = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    loss = in_batch_softmax_loss(query, torch.randn(4, 3, dtype=torch.float64),
+                                 torch.arange(4))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward pass"):
+        loss.backward()

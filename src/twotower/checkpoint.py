@@ -1,30 +1,51 @@
-"""The model directory: config (JSON), weights and estimator (safetensors), metrics.
+"""The model directory: config (JSON), weights and estimator (safetensors), metrics, and
+the training checkpoints a run resumes from.
 
 Every file is written atomically (temporary file, fsync, rename), so a crash leaves
 either the old file or the new one, never half of one. Nothing is pickled.
+
+A training checkpoint is a directory ``checkpoints/step-<step>`` holding the weights,
+the estimator, the optimizer states and RNG (safetensors) and ``state.json`` (step,
+position in the input, configs, and the structure of the optimizer states); its
+``manifest.json``, written last, records each file's size and sha256. It is written
+under a hidden name and renamed into place when complete, and only then does
+``checkpoints/LATEST`` (rewritten atomically) point to it: a crash at any moment leaves
+the previous checkpoint current. Loading checks every file against the manifest, so a
+truncated or altered checkpoint is an error, never loaded.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import safetensors.numpy
 import safetensors.torch
+import torch
 
 from twotower.frequency import StreamingFrequencyEstimator
 from twotower.towers import ModelConfig, TwoTowerModel
 
-__all__ = ["atomic_write", "load_model", "save_model", "versions"]
+__all__ = ["Checkpoint", "CheckpointError", "atomic_write", "checkpoint_dirs", "load_checkpoint",
+           "load_model", "save_checkpoint", "save_model", "versions"]
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 ESTIMATOR = "estimator.safetensors"
 METRICS = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+LATEST = "LATEST"
+STATE = "state.json"
+TRAINING = "training.safetensors"  # optimizer states and RNG
+MANIFEST = "manifest.json"
+FORMAT = "twotower-checkpoint"
 
 
 def versions() -> dict[str, str]:
@@ -103,3 +124,166 @@ def load_model(directory: str | Path) -> tuple[TwoTowerModel, StreamingFrequency
         except Exception as error:  # safetensors' own error types, or a bad state
             raise ValueError(f"cannot read estimator {directory / ESTIMATOR}: {error}") from None
     return model, estimator, config
+
+
+class CheckpointError(ValueError):
+    """A training checkpoint that is missing, incomplete or damaged (never loaded)."""
+
+
+@dataclass
+class Checkpoint:
+    """What a run resumes from; ``state`` is ``state.json`` (step, position, configs)."""
+
+    path: Path
+    model: TwoTowerModel
+    estimator: StreamingFrequencyEstimator
+    optimizers: list[dict]
+    rng: torch.Tensor
+    state: dict
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _encode(value: object, key: str, tensors: dict[str, torch.Tensor]) -> object:
+    """JSON for an optimizer state dict, its tensors moved into ``tensors`` by key. Dicts
+    keep their key types (parameter indices are ints) and tuples stay tuples."""
+    if isinstance(value, torch.Tensor):
+        tensors[key] = value.detach().cpu().contiguous()
+        return {"tensor": key}
+    if isinstance(value, dict):
+        return {"dict": [[k, _encode(v, f"{key}.{k}", tensors)] for k, v in value.items()]}
+    if isinstance(value, tuple | list):
+        items = [_encode(v, f"{key}.{i}", tensors) for i, v in enumerate(value)]
+        return {"tuple": items} if isinstance(value, tuple) else items
+    return value
+
+
+def _decode(value: object, tensors: dict[str, torch.Tensor]) -> object:
+    if isinstance(value, list):
+        return [_decode(v, tensors) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if "tensor" in value:
+        return tensors[value["tensor"]]
+    if "tuple" in value:
+        return tuple(_decode(v, tensors) for v in value["tuple"])
+    return {k: _decode(v, tensors) for k, v in value["dict"]}
+
+
+def checkpoint_dirs(directory: str | Path) -> list[Path]:
+    """The complete checkpoints of a model directory, oldest first."""
+    root = Path(directory) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step-*") if (p / MANIFEST).exists())
+
+
+def save_checkpoint(directory: str | Path, model: TwoTowerModel,
+                    estimator: StreamingFrequencyEstimator,
+                    optimizers: list[torch.optim.Optimizer], state: dict, keep: int = 2) -> Path:
+    """Write a checkpoint of step ``state["step"]`` and make it the latest; keep ``keep``."""
+    root = Path(directory) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{state['step']:012d}"
+    final, n = root / name, 0
+    while final.exists():  # the same step again (a stop right after a checkpoint)
+        n += 1
+        final = root / f"{name}-{n}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
+    structure = [_encode(o.state_dict(), f"optimizer.{i}", tensors)
+                 for i, o in enumerate(optimizers)]
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    estimator_state = estimator.state_dict()
+    text = json.dumps({**state, "model": model.config.to_dict(), "optimizers": structure,
+                       "versions": versions()}, indent=1)
+    writers = {WEIGHTS: lambda p: safetensors.torch.save_file(weights, str(p)),
+               ESTIMATOR: lambda p: safetensors.numpy.save_file(estimator_state, str(p)),
+               TRAINING: lambda p: safetensors.torch.save_file(tensors, str(p)),
+               STATE: lambda p: p.write_text(text)}
+    for file, write in writers.items():
+        atomic_write(tmp / file, write)
+    manifest = {"format": FORMAT, "step": state["step"],
+                "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)}
+                          for f in writers}}
+    atomic_write(tmp / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    atomic_write(root / LATEST, lambda p: p.write_text(final.name + "\n"))
+    for old in checkpoint_dirs(directory)[:-keep] + list(root.glob(".step-*")):
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _resolve(path: Path) -> Path:
+    """The checkpoint a path names: a step directory, or a model directory's latest."""
+    if (path / MANIFEST).exists() or path.name.startswith("step-"):
+        return path
+    latest = path / CHECKPOINTS / LATEST
+    if not latest.exists():
+        raise CheckpointError(f"{path} holds no training checkpoint ({CHECKPOINTS}/{LATEST} is "
+                              "missing): resume from a model directory written by `twotower "
+                              "train`, or train a new model")
+    return path / CHECKPOINTS / latest.read_text().strip()
+
+
+def _damaged(where: Path, what: str) -> CheckpointError:
+    others = [str(p) for p in checkpoint_dirs(where.parent.parent) if p != where] \
+        if where.parent.name == CHECKPOINTS else []
+    hint = (f"; earlier checkpoints: {', '.join(others)} (resume from one by naming it)"
+            if others else "; no earlier checkpoint is left, so retrain")
+    return CheckpointError(f"checkpoint {where} is damaged: {what}{hint}")
+
+
+def _verify(where: Path) -> None:
+    """Every file of the checkpoint is the one its manifest describes."""
+    if not where.is_dir():
+        raise _damaged(where, "the directory is missing")
+    try:
+        manifest = json.loads((where / MANIFEST).read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        raise _damaged(where, f"no {MANIFEST} (the writer stopped before finishing)") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise _damaged(where, f"{MANIFEST} is unreadable ({error})") from None
+    if manifest.get("format") != FORMAT or set(files) != {WEIGHTS, ESTIMATOR, TRAINING, STATE}:
+        raise _damaged(where, f"{MANIFEST} does not describe a {FORMAT}")
+    for file, expected in files.items():
+        path = where / file
+        if not path.exists():
+            raise _damaged(where, f"{file} is missing")
+        size = path.stat().st_size
+        if size != expected["bytes"]:
+            raise _damaged(where, f"{file} has {size} bytes, its manifest says "
+                                  f"{expected['bytes']} (truncated or overwritten)")
+        if _sha256(path) != expected["sha256"]:
+            raise _damaged(where, f"{file} does not match its sha256 in {MANIFEST} (changed "
+                                  "after it was written)")
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read and verify a checkpoint: a model directory (its latest) or a step directory."""
+    where = _resolve(Path(path))
+    _verify(where)
+    state = json.loads((where / STATE).read_text())
+    model = TwoTowerModel(ModelConfig.from_dict(state["model"]))
+    model.load_state_dict(safetensors.torch.load_file(str(where / WEIGHTS)))
+    estimator = StreamingFrequencyEstimator.from_state_dict(
+        safetensors.numpy.load_file(str(where / ESTIMATOR)))
+    tensors = safetensors.torch.load_file(str(where / TRAINING))
+    optimizers = [_decode(o, tensors) for o in state.pop("optimizers")]
+    return Checkpoint(where, model, estimator, optimizers, tensors["rng.torch"], state)

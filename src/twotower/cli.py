@@ -30,52 +30,145 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(args: argparse.Namespace):
-    from twotower.data.interactions import Columns, load_interactions
+def _schema(args: argparse.Namespace, stored: dict | None = None):
+    """The command's schema: ``--schema``, else the one stored with the model, else the
+    column flags; ``--events``/``--items`` replace its paths."""
+    from twotower.data.interactions import Columns
+    from twotower.data.schema import Schema, load_schema, parse_schema
 
-    columns = Columns(user=args.user_column, item=args.item_column,
-                      timestamp=args.time_column,
-                      reward=None if args.reward_column == "" else args.reward_column,
-                      item_features=tuple(args.item_features), history_length=args.history)
-    return load_interactions(args.events, args.items, columns,
-                             missing_items="drop" if args.drop_unknown_items else "error")
+    if args.schema:
+        schema = load_schema(args.schema)
+    elif stored and "schema" in stored:
+        schema = parse_schema(stored["schema"], f"{args.model}/config.json")
+    else:
+        if not (args.events and args.items):
+            raise ValueError("give --schema SCHEMA.yaml, or --events and --items")
+        columns = Columns(**{**stored["columns"],
+                             "item_features": tuple(stored["columns"]["item_features"])}) \
+            if stored else _flag_columns(args)
+        schema = Schema.from_columns(columns, args.events, args.items)
+    updates: dict = {}
+    for name in ("events", "items"):
+        if getattr(args, name):
+            if schema.movielens is not None:
+                raise ValueError(f"--{name} cannot replace a MovieLens schema's files")
+            part = getattr(schema, name)
+            updates[name] = part.model_copy(update={"path": str(Path(getattr(args, name))
+                                                                 .resolve())})
+    if args.drop_unknown_items:
+        updates["missing_items"] = "drop"
+    return schema.model_copy(update=updates)
+
+
+def _flag_columns(args: argparse.Namespace):
+    from twotower.data.interactions import Columns
+
+    return Columns(user=args.user_column, item=args.item_column, timestamp=args.time_column,
+                   reward=None if args.reward_column == "" else args.reward_column,
+                   item_features=tuple(args.item_features), history_length=args.history)
+
+
+def _load(schema):
+    from twotower.data.sources import load
+
+    return load(schema)
+
+
+def _split_choice(args: argparse.Namespace, schema, stored: dict) -> tuple[str | None, dict]:
+    """Split kind and parameters: the flags, else what the model was trained with, else the
+    schema's ``split``; ``None`` when nothing names one."""
+    stored = stored if stored.get("kind") != "none" else {}
+    kind = args.split or stored.get("kind") or (schema.split.kind if schema.split else None)
+    if kind is None and args.cutoff is not None:
+        kind = "time"
+    same = stored if stored.get("kind") == kind else {}
+    from_schema = schema.split.model_dump() if schema.split and schema.split.kind == kind else {}
+    explicit = args.cutoff is not None or args.test_fraction is not None
+    cutoff = args.cutoff if explicit else same.get("cutoff", from_schema.get("cutoff"))
+    fraction = args.test_fraction if explicit else \
+        same.get("test_fraction", from_schema.get("test_fraction"))
+    return kind, {k: v for k, v in (("cutoff", cutoff), ("test_fraction", fraction))
+                  if v is not None}
 
 
 def _train(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from twotower.experiment import default_model_config, fit, prepare
+    from twotower.data.splits import cutoff_for_fraction, split_log
     from twotower.train import TrainConfig
 
-    interactions = _load(args)
-    rows = interactions.split_at(args.until)[0] if args.until is not None else \
-        np.arange(len(interactions))
+    schema = _schema(args)
+    if args.temperature is not None:
+        schema = schema.model_copy(update={"model": schema.model.model_copy(
+            update={"temperature": args.temperature})})
+    if args.until is not None:
+        args.split, args.cutoff = "time", args.until
+    kind, params = _split_choice(args, schema, {})
+    if kind == "none":
+        kind = None
     config = TrainConfig(batch_size=args.batch_size, epochs=args.epochs,
                          learning_rate=args.lr, correction=args.correction, seed=args.seed)
-    model_config = default_model_config(interactions.columns, temperature=args.temperature)
-    fit(prepare(interactions, model_config), rows, config, args.out, not args.quiet)
-    print(f"trained on {len(rows):,} events ({interactions.report}); model in {args.out}")
+    extra = {"schema": schema.model_dump(mode="json")}
+    if args.streaming:
+        from twotower.data.streaming import EventStream, StreamingTrainingData
+        from twotower.experiment import fit_stream, schema_model_config, stream_ids
+
+        if kind == "leave-last-out":
+            raise ValueError("leave-last-out needs every user's last events, so the whole "
+                             "log; with --streaming use --split time (or load in memory)")
+        stream = EventStream(schema)
+        if kind == "time" and "cutoff" not in params:
+            if "test_fraction" not in params:
+                raise ValueError("a time split needs --cutoff T or --test-fraction F")
+            params["cutoff"] = cutoff_for_fraction(stream.timestamps(), params["test_fraction"])
+        stream.until = params.get("cutoff")
+        data = StreamingTrainingData(stream, schema_model_config(schema, stream_ids(stream)))
+        split = {"kind": kind, **params} if kind else {"kind": "none"}
+        fit_stream(data, config, args.out, not args.quiet, {**extra, "split": split})
+        report, trained = stream.report, stream.report["events_kept"]
+    else:
+        from twotower.experiment import fit, memory_ids, prepare, schema_model_config
+
+        interactions = _load(schema)
+        rows = np.arange(len(interactions))
+        split = {"kind": "none"}
+        if kind is not None:
+            parts = split_log(kind, interactions.user, interactions.timestamp, **params)
+            rows, split = parts.train, {**params, **parts.summary()}
+        model_config = schema_model_config(schema, memory_ids(interactions))
+        fit(prepare(interactions, model_config), rows, config, args.out, not args.quiet,
+            {**extra, "split": split, "data": interactions.report})
+        report, trained = interactions.report, len(rows)
+    print(json.dumps({"model": str(args.out), "trained_on": trained, "data": report,
+                      "split": split}, indent=2))
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     from twotower.checkpoint import load_model
-    from twotower.data.interactions import Columns
+    from twotower.data.splits import split_log
     from twotower.experiment import prepare, score
 
     model, _, config = load_model(args.model)
-    args.user_column, args.item_column = config["columns"]["user"], config["columns"]["item"]
-    args.time_column, args.reward_column = config["columns"]["timestamp"], \
-        config["columns"]["reward"] or ""
-    args.item_features = Columns(**config["columns"]).item_features
-    args.history = config["columns"]["history_length"]
-    interactions = _load(args)
-    train_rows, test_rows = interactions.split_at(args.cutoff)
-    if len(test_rows) == 0:
-        raise SystemExit(f"no events at or after --cutoff {args.cutoff}")
-    metrics = score(model, prepare(interactions, model.config), train_rows, test_rows,
+    schema = _schema(args, config)
+    kind, params = _split_choice(args, schema, config.get("split", {}))
+    if kind in (None, "none"):
+        raise ValueError("say which events to test on: --split time --cutoff T (or "
+                         "--test-fraction F), or --split leave-last-out")
+    interactions = _load(schema)
+    split = split_log(kind, interactions.user, interactions.timestamp, **params)
+    rows = split.part(args.on)
+    if len(rows) == 0:
+        raise ValueError(f"the {kind} split has no {args.on} events ({split.summary()})")
+    metrics = score(model, prepare(interactions, model.config), split.train, rows,
                     exclude_seen=args.exclude_seen)
     print(json.dumps(metrics, indent=2))
+    note = {"data": interactions.report, "split": split.summary(), "evaluated_on": args.on}
+    trained = config.get("split", {})
+    if trained and (trained.get("kind"), trained.get("cutoff")) != (kind, split.info.get("cutoff")):
+        note["warning"] = (f"the model was trained on the {trained.get('kind')} split "
+                           f"({trained}); some {args.on} events may have been trained on")
+    print(json.dumps(note), file=sys.stderr)
     return 0
 
 
@@ -100,11 +193,34 @@ def _index(args: argparse.Namespace) -> int:
     return 0
 
 
+def _simulate(args: argparse.Namespace) -> int:
+    from twotower.simulate import format_table, run_simulation
+
+    results = run_simulation(args.out, steps=args.steps, seed=args.seed)
+    print(format_table(results))
+    print(f"errors.csv, summary.csv, alpha.png and hashes.png in {Path(args.out).resolve()}")
+    return 0
+
+
 def _data_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--events", required=True, help="events table (Parquet or CSV)")
-    parser.add_argument("--items", required=True, help="items table (Parquet or CSV)")
+    parser.add_argument("--schema", help="schema file (YAML): tables, columns, features")
+    parser.add_argument("--events", help="events table (Parquet or CSV, a file or a directory);"
+                        " replaces the schema's")
+    parser.add_argument("--items", help="items table (Parquet or CSV); replaces the schema's")
     parser.add_argument("--drop-unknown-items", action="store_true",
                         help="skip (and count) events whose item is not in the items table")
+
+
+def _split_arguments(parser: argparse.ArgumentParser, none: bool) -> None:
+    from twotower.data.splits import SPLITS
+
+    parser.add_argument("--split", choices=[*SPLITS, *(["none"] if none else [])],
+                        help="time (with --cutoff or --test-fraction) or leave-last-out; "
+                             "default: the schema's split" + (", else none" if none else
+                                                              ", else the model's"))
+    parser.add_argument("--cutoff", type=int, help="time split: test on events at or after this")
+    parser.add_argument("--test-fraction", type=float,
+                        help="time split: the cut-off that leaves this share of events to test")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,31 +244,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_synth)
 
+    p = commands.add_parser("simulate",
+                            help="the paper's simulation of the streaming frequency estimator")
+    p.add_argument("--out", default="twotower-simulate", help="output directory")
+    p.add_argument("--steps", type=int, default=10_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_simulate)
+
     p = commands.add_parser("train", help="train a model on a log")
     _data_arguments(p)
     p.add_argument("--out", required=True, help="model directory to write")
-    p.add_argument("--user-column", default="user_id")
-    p.add_argument("--item-column", default="item_id")
-    p.add_argument("--time-column", default="timestamp")
-    p.add_argument("--reward-column", default="reward", help="'' for no reward column")
-    p.add_argument("--item-features", nargs="*", default=["channel", "category"])
-    p.add_argument("--history", type=int, default=20, help="history length")
-    p.add_argument("--until", type=int, help="train only on events before this timestamp")
+    p.add_argument("--user-column", default="user_id", help="without --schema")
+    p.add_argument("--item-column", default="item_id", help="without --schema")
+    p.add_argument("--time-column", default="timestamp", help="without --schema")
+    p.add_argument("--reward-column", default="reward",
+                   help="without --schema; '' for no reward column")
+    p.add_argument("--item-features", nargs="*", default=["channel", "category"],
+                   help="without --schema")
+    p.add_argument("--history", type=int, default=20, help="without --schema: history length")
+    _split_arguments(p, none=True)
+    p.add_argument("--until", type=int, help="train only on events before this time "
+                                             "(same as --split time --cutoff)")
+    p.add_argument("--streaming", action="store_true",
+                   help="read the events in record batches (files sorted by time)")
     p.add_argument("--correction", choices=["none", "streaming", "oracle"],
                    default="streaming")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--lr", type=float, default=0.005)
-    p.add_argument("--temperature", type=float, default=0.05)
+    p.add_argument("--temperature", type=float, help="default: the schema's (0.05)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=_train)
 
-    p = commands.add_parser("evaluate", help="full-corpus metrics on a later time range")
+    p = commands.add_parser("evaluate", help="full-corpus metrics on the test part of a split")
     p.add_argument("model", help="model directory")
     _data_arguments(p)
-    p.add_argument("--cutoff", type=int, required=True,
-                   help="test on events at or after this timestamp")
+    _split_arguments(p, none=False)
+    p.add_argument("--on", choices=["test", "valid"], default="test",
+                   help="which part of the split to evaluate on")
     p.add_argument("--exclude-seen", action="store_true",
                    help="drop items the user interacted with before from each ranking")
     p.set_defaults(run=_evaluate)

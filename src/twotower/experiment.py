@@ -1,30 +1,40 @@
 """From an interaction log to a trained, saved and evaluated model.
 
-The glue the command line and the quickstart share: a default feature layout for a
-log (user id and causal watch history on the query side, item id and item features on
-the item side, history and item id sharing one table), training on a time range, and
-full-corpus evaluation on a later one.
+The glue the command line and the quickstart share: the model a schema describes (or
+a default feature layout for a log: user id and causal watch history on the query
+side, item id and item features on the item side, history and item id sharing one
+table), training on the training part of a split, in memory or streamed, and
+full-corpus evaluation on a later part.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from twotower.checkpoint import METRICS, save_model
-from twotower.data.history import causal_history
+from twotower.data.corpus import ItemCorpus
+from twotower.data.history import seen_before
 from twotower.data.interactions import HISTORY, Columns, Interactions
+from twotower.data.schema import Schema, TableConfig
+from twotower.data.streaming import EventStream, StreamingTrainingData
 from twotower.evaluate import embed, evaluate_retrieval
-from twotower.features import EncodedFeatures, FeatureSpec, TableSpec, take_bag
+from twotower.features import Bag, EncodedFeatures, FeatureSpec, TableSpec, bag_from_arrow
 from twotower.frequency import StreamingFrequencyEstimator
+from twotower.hashing import to_int64_ids
 from twotower.towers import ModelConfig, TwoTowerModel
 from twotower.train import TrainConfig, TrainingData, train
 
-__all__ = ["Prepared", "default_model_config", "fit", "prepare", "score"]
+__all__ = ["Prepared", "auto_buckets", "default_model_config", "fit", "fit_stream",
+           "memory_ids", "prepare", "schema_model_config", "score", "stream_ids"]
+
+IDS_PER_BUCKET = 0.25  # auto tables: about four buckets per distinct id (few collisions)
+MIN_BUCKETS, MAX_BUCKETS = 64, 1 << 20  # a table of 2**20 rows of 32 floats is 128 MiB
 
 
 def default_model_config(columns: Columns, item_buckets: int = 1 << 17,
@@ -44,6 +54,70 @@ def default_model_config(columns: Columns, item_buckets: int = 1 << 17,
                        output_dim, True, temperature)
 
 
+def auto_buckets(distinct: int) -> int:
+    """Buckets for ``distinct`` ids: the power of two at or above ``distinct / IDS_PER_BUCKET``,
+    within ``[MIN_BUCKETS, MAX_BUCKETS]``."""
+    wanted = max(int(np.ceil(distinct / IDS_PER_BUCKET)), 1)
+    return int(min(max(1 << (wanted - 1).bit_length(), MIN_BUCKETS), MAX_BUCKETS))
+
+
+IdSource = Callable[[str, str], np.ndarray]  # (side "items" or "events", column) -> ids
+
+
+def _flat(values: np.ndarray | Bag) -> np.ndarray:
+    return values.values if isinstance(values, Bag) else values
+
+
+def memory_ids(interactions: Interactions) -> IdSource:
+    """Ids of the item and event columns of a log held in memory."""
+    corpus = ItemCorpus.from_table(interactions.items, interactions.columns.key)
+
+    def ids(side: str, name: str) -> np.ndarray:
+        if side == "items":
+            return _flat(corpus.values(name))
+        column = interactions.query_columns([name])[name]
+        if isinstance(column, pa.ChunkedArray) and (pa.types.is_list(column.type)
+                                                    or pa.types.is_large_list(column.type)):
+            return bag_from_arrow(column, name).values
+        return to_int64_ids(column)
+
+    return ids
+
+
+def stream_ids(stream: EventStream) -> IdSource:
+    """Ids of the item columns (in memory) and event columns (one pass each) of a stream."""
+    def ids(side: str, name: str) -> np.ndarray:
+        if side == "items":
+            return _flat(stream.corpus.values(name))
+        return stream.distinct(name)
+
+    return ids
+
+
+def schema_model_config(schema: Schema, ids: IdSource) -> ModelConfig:
+    """The model a schema describes; ``buckets: auto`` tables are sized from the distinct
+    ids of every feature that reads them (see :func:`auto_buckets`)."""
+    sources: dict[str, list[tuple[str, str]]] = {}
+    for feature in schema.item_features:
+        if feature.kind != "dense":
+            sources.setdefault(feature.table or feature.name, []).append(("items", feature.name))
+    for feature in schema.query_features:
+        if feature.kind != "dense":
+            source = ("items", feature.history) if feature.history else ("events", feature.name)
+            sources.setdefault(feature.table or feature.name, []).append(source)
+    tables = {}
+    for name, reads in sources.items():
+        table = schema.tables.get(name, TableConfig())
+        buckets = table.buckets
+        if buckets == "auto":
+            buckets = auto_buckets(len(np.unique(np.concatenate([ids(*s) for s in reads]))))
+        tables[name] = TableSpec(buckets, table.dim or schema.model.dim)
+    model = schema.model
+    return ModelConfig(tables, [f.spec() for f in schema.query_features],
+                       [f.spec() for f in schema.item_features], list(model.hidden),
+                       list(model.hidden), model.output_dim, model.normalize, model.temperature)
+
+
 @dataclass
 class Prepared:
     """A log with its features encoded for one model configuration."""
@@ -61,25 +135,45 @@ class Prepared:
 
 def prepare(interactions: Interactions, model_config: ModelConfig) -> Prepared:
     """Hash every event's query features and every item's features once."""
+    names = [f.name for f in model_config.query_features]
     queries = EncodedFeatures(model_config.query_features, model_config.tables,
-                              interactions.query_columns(), "events")
+                              interactions.query_columns(names), "events")
     items = EncodedFeatures(model_config.item_features, model_config.tables,
                             interactions.item_columns(), "items")
     return Prepared(interactions, model_config, queries, items)
 
 
-def fit(prepared: Prepared, rows: np.ndarray, config: TrainConfig, out_dir: str | Path,
-        progress: bool = True) -> tuple[TwoTowerModel, StreamingFrequencyEstimator]:
-    """Train a fresh model on ``rows`` and save it into ``out_dir``."""
+def _train_and_save(model_config: ModelConfig, data: TrainingData | StreamingTrainingData,
+                    config: TrainConfig, out_dir: str | Path, columns: Columns, progress: bool,
+                    extra: dict | None) -> tuple[TwoTowerModel, StreamingFrequencyEstimator]:
     torch.manual_seed(config.seed)
-    model = TwoTowerModel(prepared.model_config)
+    model = TwoTowerModel(model_config)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    estimator = train(model, prepared.training_data(rows), config,
-                      metrics_path=out_dir / METRICS, progress=progress)
+    estimator = train(model, data, config, metrics_path=out_dir / METRICS, progress=progress)
     save_model(out_dir, model, estimator,
-               {"train": asdict(config), "columns": asdict(prepared.interactions.columns)})
+               {"train": asdict(config), "columns": asdict(columns), **(extra or {})})
     return model, estimator
+
+
+def fit(prepared: Prepared, rows: np.ndarray, config: TrainConfig, out_dir: str | Path,
+        progress: bool = True, extra: dict | None = None,
+        ) -> tuple[TwoTowerModel, StreamingFrequencyEstimator]:
+    """Train a fresh model on ``rows`` and save it into ``out_dir`` (``extra`` goes into its
+    config: the schema, the split, the data report)."""
+    return _train_and_save(prepared.model_config, prepared.training_data(rows), config, out_dir,
+                           prepared.interactions.columns, progress, extra)
+
+
+def fit_stream(data: StreamingTrainingData, config: TrainConfig, out_dir: str | Path,
+               progress: bool = True, extra: dict | None = None,
+               ) -> tuple[TwoTowerModel, StreamingFrequencyEstimator]:
+    """Train a fresh model on a stream of events and save it into ``out_dir``."""
+    if config.correction == "oracle":
+        raise ValueError("correction 'oracle' counts every event's item before training, "
+                         "which a stream cannot; use none or streaming, or load in memory")
+    return _train_and_save(data.model_config, data, config, out_dir, data.stream.columns,
+                           progress, extra)
 
 
 def score(model: TwoTowerModel, prepared: Prepared, train_rows: np.ndarray,
@@ -93,10 +187,7 @@ def score(model: TwoTowerModel, prepared: Prepared, train_rows: np.ndarray,
     data = prepared.interactions
     query_emb = embed(model, prepared.queries, "query", test_rows)
     item_emb = embed(model, prepared.items, "item")
-    exclude = None
-    if exclude_seen:
-        seen = causal_history(data.user, data.timestamp, data.item_row, len(data))
-        exclude = take_bag(seen, test_rows)
+    exclude = seen_before(data.user, data.timestamp, data.item_row, test_rows) \
+        if exclude_seen else None
     return evaluate_retrieval(query_emb, item_emb, data.item_row[test_rows],
                               data.item_counts(train_rows), ks, exclude)
-

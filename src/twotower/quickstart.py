@@ -21,7 +21,8 @@ from twotower.data.synthetic import SyntheticConfig, generate, write
 from twotower.evaluate import GROUPS, embed
 from twotower.experiment import default_model_config, fit, prepare, score
 from twotower.index import ItemIndex
-from twotower.train import CORRECTIONS, TrainConfig
+from twotower.report import RunReport, write_report
+from twotower.train import CORRECTIONS, TrainConfig, oracle_log_q
 
 __all__ = ["format_table", "run_quickstart"]
 
@@ -62,16 +63,29 @@ def run_quickstart(out: str | Path = "twotower-quickstart", small: bool = False,
          f"{len(interactions.item_keys):,} items")
 
     results: dict[str, dict[str, float]] = {}
-    models = {}
+    models, reports = {}, []
     for mode in CORRECTIONS:
         config = TrainConfig(correction=mode, seed=seed,
                              batch_size=256 if small else 1024)
-        model, _ = fit(prepared, train_rows, config, out / "models" / mode, progress)
+        model, estimator = fit(prepared, train_rows, config, out / "models" / mode, progress)
         results[mode] = score(model, prepared, train_rows, test_rows)
         models[mode] = model
-        with open(out / "models" / mode / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"event": "eval", "split": "last_day", **results[mode]}) + "\n")
+        log = out / "models" / mode / "metrics.jsonl"
+        with open(log, "a") as f:
+            f.write(json.dumps({"event": "eval", "split": "last_day", "step": estimator.step,
+                                **results[mode]}) + "\n")
+        true_p = np.exp(oracle_log_q(prepared.training_data(train_rows), config.batch_size))
+        true_p[interactions.item_counts(train_rows) == 0] = 0.0  # never sampled: not plotted
+        reports.append(RunReport(
+            mode, results[mode], [json.loads(line) for line in log.read_text().splitlines()],
+            (true_p, estimator.probability(interactions.item_keys))
+            if mode == "streaming" else None))
     (out / "results.json").write_text(json.dumps(results, indent=2))
+    report = write_report(out / "report", reports, "twotower quickstart: correction none, "
+                          "streaming and oracle on a synthetic YouTube-like log",
+                          [f"Trained on {len(train_rows):,} events, evaluated on the "
+                           f"{len(test_rows):,} events of the last day against all "
+                           f"{len(interactions.item_keys):,} items."])
 
     columns = ["recall@10", "recall@50", "recall@100", "ndcg@10",
                *(f"recall@100/{g}" for g in GROUPS), "coverage@100"]
@@ -83,7 +97,8 @@ def run_quickstart(out: str | Path = "twotower-quickstart", small: bool = False,
                             interactions.item_keys)
     index.save(out / "index")
     _show_recommendations(model, prepared, index, test_rows, echo)
-    echo(f"\nmodels: {out / 'models'}  index: {out / 'index'}  metrics: {out / 'results.json'}")
+    echo(f"\nreport: {report}")
+    echo(f"models: {out / 'models'}  index: {out / 'index'}  metrics: {out / 'results.json'}")
     echo(f"done in {time.perf_counter() - started:.0f} s")
     return results
 

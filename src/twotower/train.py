@@ -1,29 +1,61 @@
-"""The training loop: time-ordered batches, corrected in-batch softmax, metrics log.
+"""The training loop: time-ordered batches, corrected in-batch softmax, checkpoints.
 
 Examples are consumed in time order, as the paper's trainer consumes its daily logs;
 at every step the estimator sees the batch's items first and then gives their
 sampling probabilities (read after update, so every batch item has been seen once).
+
+A :class:`Trainer` holds everything a run needs to go on: model, optimizers, estimator
+(whose step is the global step), position in the current input and the inputs already
+trained on. Its checkpoints hold all of it, so a run killed at any moment resumes to the
+same weights as a run never stopped, and a model continues on the next day's log with
+its optimizer and estimator state. With several processes (:mod:`twotower.distributed`)
+every worker reads the same global batches and embeds its own slice; the loss is the
+single-process loss of the global batch, and only the main process writes.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
+import signal
+import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from twotower.checkpoint import (
+    CHECKPOINTS,
+    METRICS,
+    load_checkpoint,
+    save_checkpoint,
+    save_model,
+)
+from twotower.distributed import (
+    World,
+    broadcast_tables,
+    gather_with_grad,
+    pick_device,
+    shard,
+    sync_table_grads,
+)
 from twotower.features import EncodedFeatures
 from twotower.frequency import StreamingFrequencyEstimator
 from twotower.loss import in_batch_softmax_loss
 from twotower.towers import TwoTowerModel
 
-__all__ = ["CORRECTIONS", "TrainConfig", "TrainingData", "make_optimizers", "oracle_log_q",
+__all__ = ["CORRECTIONS", "Position", "TrainConfig", "Trainer", "TrainingData", "TrainingStopped",
+           "fit_and_save", "input_name", "make_optimizers", "oracle_log_q", "stop_on_signals",
            "train"]
 
 Correction = Literal["none", "streaming", "oracle"]
@@ -111,10 +143,292 @@ def make_optimizers(model: TwoTowerModel, config: TrainConfig) -> list[torch.opt
             torch.optim.Adam(dense, lr=config.learning_rate)]
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+@dataclass
+class Position:
+    """Where a run stands in an input: ``batch`` batches of epoch ``epoch`` are done."""
+
+    input: str = ""
+    epoch: int = 0
+    batch: int = 0
+
+
+def input_name(data: TrainingData) -> str:
+    """A name for an input that changes when its events do (``data.name`` if it has one):
+    a resumed run goes on where it stopped only on the same events."""
+    name = getattr(data, "name", None)
+    if name:
+        return str(name)
+    if not isinstance(data, TrainingData):
+        return f"{type(data).__name__}:{len(data.rows)}"
+    digest = hashlib.sha256(np.ascontiguousarray(data.item_key[data.rows]).tobytes())
+    digest.update(np.ascontiguousarray(data.reward[data.rows]).tobytes())
+    return f"events:{len(data.rows)}:{digest.hexdigest()[:16]}"
+
+
+class _Towers(nn.Module):
+    """Both towers in one ``forward``, the call DDP synchronises."""
+
+    def __init__(self, model: TwoTowerModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, queries: Mapping, items: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.query(queries), self.model.item(items)
+
+
+RESUMABLE = ("epochs", "log_every")  # what may change on resume; the rest shapes the state
+
+
+class Trainer:
+    """A model with its optimizers and estimator, and where its training stands.
+
+    :meth:`fit` trains on one input; :meth:`checkpoint` writes what a run resumes from
+    and :meth:`save` also publishes the model (both into ``out_dir``, by the main process
+    only); :meth:`resume` continues from a checkpoint. ``checkpoint_every`` steps (0: only
+    when the caller asks) a checkpoint is written during :meth:`fit`.
+    """
+
+    def __init__(self, model: TwoTowerModel, config: TrainConfig,
+                 estimator: StreamingFrequencyEstimator | None = None,
+                 out_dir: str | Path | None = None, device: str = "auto",
+                 checkpoint_every: int = 0, progress: bool = True,
+                 metrics_path: str | Path | None = None, extra: dict | None = None) -> None:
+        self.world = World.current()
+        self.device = pick_device(device)
+        self.model = model.to(self.device)
+        self.config = config
+        self.estimator = estimator or config.make_estimator()
+        self.optimizers = make_optimizers(model, config)
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        if metrics_path is None and self.out_dir is not None:
+            metrics_path = self.out_dir / METRICS
+        self.metrics_path = Path(metrics_path) if metrics_path is not None else None
+        self.checkpoint_every, self.progress = checkpoint_every, progress
+        self.extra = extra or {}
+        self.position = Position()
+        self.inputs_done: list[str] = []
+        self.stop_requested = False
+        broadcast_tables(list(model.tables.values()), self.world)
+        self.towers: nn.Module = _Towers(model)
+        if self.world.size > 1:
+            tables = [f"model.tables.{name}.weight" for name in model.tables]
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                self.towers, tables)
+            self.towers = DistributedDataParallel(
+                self.towers, device_ids=[self.device] if self.device.type == "cuda" else None)
+
+    @property
+    def step(self) -> int:
+        """The global step: one per global batch, over every input so far."""
+        return self.estimator.step
+
+    @classmethod
+    def resume(cls, path: str | Path, out_dir: str | Path | None = None, device: str = "auto",
+               checkpoint_every: int = 0, progress: bool = True, **changes) -> Trainer:
+        """Continue from a checkpoint: a model directory's latest, or a step directory.
+
+        Weights, optimizer states, estimator, step, position and RNG carry on; ``changes``
+        may set ``epochs`` and ``log_every``. Writes go to ``out_dir`` (default: the model
+        directory the checkpoint belongs to).
+        """
+        unknown = sorted(set(changes) - set(RESUMABLE))
+        if unknown:
+            raise ValueError(f"only {RESUMABLE} can change when resuming, not {unknown}: the "
+                             "rest shapes the optimizer and estimator state")
+        saved = load_checkpoint(path)
+        if out_dir is None:
+            out_dir = saved.path.parent.parent if saved.path.parent.name == CHECKPOINTS \
+                else Path(path)
+        config = replace(TrainConfig(**saved.state["train"]), **changes)
+        trainer = cls(saved.model, config, saved.estimator, out_dir, device, checkpoint_every,
+                      progress, extra=saved.state["extra"])
+        for optimizer, state in zip(trainer.optimizers, saved.optimizers, strict=True):
+            optimizer.load_state_dict(state)
+        torch.set_rng_state(saved.rng)
+        trainer.position = Position(**saved.state["position"])
+        trainer.inputs_done = list(saved.state["inputs_done"])
+        trainer.log({"event": "resume", "step": trainer.step, "from": str(saved.path)})
+        return trainer
+
+    def fit(self, data: TrainingData, name: str | None = None) -> dict:
+        """Train on ``data`` for ``config.epochs`` epochs, from where a run on the same input
+        stopped; returns the input's summary, also appended to the metrics log.
+
+        Stops early, after the current batch, once :attr:`stop_requested` is set (see
+        :func:`stop_on_signals`); the summary then says ``stopped``.
+        """
+        name = name or input_name(data)
+        if name in self.inputs_done:
+            return {"event": "input", "input": name, "step": self.step, "skipped": True,
+                    "stopped": False}
+        start = self.position if self.position.input == name else Position(name)
+        config = self.config
+        oracle = oracle_log_q(data, config.batch_size) if config.correction == "oracle" else None
+        per_epoch = -(-len(data.rows) // config.batch_size)
+        bar = tqdm(total=per_epoch * config.epochs, initial=start.epoch * per_epoch + start.batch,
+                   disable=not (self.progress and self.world.main), unit="step",
+                   mininterval=1.0, desc=f"train[{config.correction}]")
+        self.towers.train()
+        started, losses, running, examples, stopped = time.perf_counter(), [], [], 0, False
+        try:
+            for epoch, index, rows in self._remaining(data, start):
+                loss, stopped = self._reduce(self._step(data, rows, oracle))
+                self.position = Position(name, epoch, index + 1)
+                losses.append(loss)
+                running.append(loss)
+                examples += len(rows)
+                bar.update(1)
+                if self.step % config.log_every == 0 or stopped:
+                    bar.set_postfix(loss=f"{np.mean(running):.4f}")
+                    running = self._log_loss(epoch, running, examples, started)
+                if self.checkpoint_every and self.step % self.checkpoint_every == 0:
+                    self.checkpoint()
+                if stopped:
+                    break
+            if running:
+                self._log_loss(epoch, running, examples, started)
+        finally:
+            bar.close()
+        if stopped:
+            self.stop_requested = True  # a worker that got no signal stops with the others
+        else:
+            self.inputs_done.append(name)
+        summary = {"event": "input", "input": name, "step": self.step, "steps": len(losses),
+                   "examples": examples,
+                   "loss": float(np.mean(losses)) if losses else float("nan"),
+                   "seconds": round(time.perf_counter() - started, 3), "stopped": stopped}
+        self.log(summary)
+        return summary
+
+    def _log_loss(self, epoch: int, running: list[float], examples: int,
+                  started: float) -> list[float]:
+        """Log the mean loss of the steps since the last record; returns a new, empty list."""
+        self.log({"step": self.step, "epoch": epoch, "loss": float(np.mean(running)),
+                  "examples": examples, "seconds": round(time.perf_counter() - started, 3)})
+        return []
+
+    def _remaining(self, data: TrainingData,
+                   start: Position) -> Iterator[tuple[int, int, np.ndarray]]:
+        """``(epoch, batch index, rows)`` of every batch after ``start``, in order."""
+        for epoch in range(start.epoch, self.config.epochs):
+            skip = start.batch if epoch == start.epoch else 0
+            batches = itertools.islice(data.batches(self.config.batch_size), skip, None)
+            for index, rows in enumerate(batches, start=skip):
+                yield epoch, index, rows
+
+    def _step(self, data: TrainingData, rows: np.ndarray,
+              oracle: np.ndarray | None) -> torch.Tensor:
+        """One optimizer step on the global batch ``rows``; returns this worker's share of
+        the batch loss (the shares of all workers add up to it)."""
+        dev, world, config = self.device, self.world, self.config
+        local, first = shard(rows, world)
+        keys = data.item_key[rows]  # the global batch: every estimator replica sees all of it
+        probability = self.estimator.update_and_probability(keys)
+        log_q = None
+        if config.correction == "streaming":
+            log_q = torch.from_numpy(np.log(probability)).to(dev)
+        elif config.correction == "oracle":
+            log_q = torch.from_numpy(oracle[data.item_row[rows]]).to(dev)
+        query, item = self.towers(data.queries.take(local, dev),
+                                  data.items.take(data.item_row[local], dev))
+        items = gather_with_grad(item, len(rows), world)  # every worker's items as negatives
+        positives = torch.arange(first, first + len(local), device=dev) if world.size > 1 \
+            else None
+        loss = in_batch_softmax_loss(query, items, torch.from_numpy(keys).to(dev), log_q,
+                                     torch.from_numpy(data.reward[local]).to(dev),
+                                     self.model.config.temperature,
+                                     config.remove_accidental_hits, positives)
+        share = loss * (len(local) / len(rows))
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        # DDP averages gradients over workers; scaled by the world size, that is their sum.
+        (share * world.size).backward()
+        sync_table_grads(list(self.model.tables.values()), world)
+        for optimizer in self.optimizers:
+            optimizer.step()
+        return share.detach()
+
+    def _reduce(self, share: torch.Tensor) -> tuple[float, bool]:
+        """The global batch loss, and whether any worker was asked to stop: every worker
+        must stop after the same batch (a sync point)."""
+        if self.world.size == 1:
+            return share.item(), self.stop_requested
+        both = torch.stack([share.float(), torch.tensor(float(self.stop_requested),
+                                                         device=share.device)])
+        dist.all_reduce(both)
+        return both[0].item(), both[1].item() > 0
+
+    def state(self) -> dict:
+        """The JSON part of a checkpoint."""
+        return {"step": self.step, "position": asdict(self.position),
+                "inputs_done": self.inputs_done, "train": asdict(self.config),
+                "extra": self.extra}
+
+    def checkpoint(self) -> Path | None:
+        """Write a checkpoint into ``out_dir/checkpoints`` (main process only)."""
+        if self.out_dir is None:
+            raise ValueError("this trainer has no out_dir to write checkpoints into")
+        if not self.world.main:
+            return None
+        return save_checkpoint(self.out_dir, self.model, self.estimator, self.optimizers,
+                               self.state())
+
+    def save(self) -> Path | None:
+        """Publish the model into ``out_dir`` (what index and serve read) and checkpoint."""
+        if self.out_dir is None:
+            raise ValueError("this trainer has no out_dir to save into")
+        if not self.world.main:
+            return None
+        save_model(self.out_dir, self.model, self.estimator,
+                   {"train": asdict(self.config), **self.extra})
+        return self.checkpoint()
+
+    def log(self, record: dict) -> None:
+        """Append a record to the metrics log (JSON lines; main process only)."""
+        if self.metrics_path is None or not self.world.main:
+            return
+        self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class TrainingStopped(Exception):
+    """Training was stopped by a signal after a final checkpoint; resume it to go on."""
+
+
+@contextmanager
+def stop_on_signals(trainer: Trainer, signals: tuple[int, ...] = (signal.SIGINT,
+                                                                   signal.SIGTERM)):
+    """While inside, SIGINT or SIGTERM asks ``trainer`` to stop after its current batch (so
+    the caller can write a final checkpoint); a second signal interrupts at once. Outside
+    the main thread, where Python cannot catch signals, this does nothing."""
+    def ask_to_stop(signum: int, frame: object) -> None:
+        if trainer.stop_requested:
+            raise KeyboardInterrupt
+        trainer.stop_requested = True
+
+    if threading.current_thread() is not threading.main_thread():
+        yield trainer
+        return
+    previous = {s: signal.signal(s, ask_to_stop) for s in signals}
+    try:
+        yield trainer
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def fit_and_save(trainer: Trainer, data: TrainingData, name: str | None = None) -> dict:
+    """Fit (SIGINT and SIGTERM stop it after the current batch), then publish the model and
+    checkpoint; raises :class:`TrainingStopped` after saving if a signal stopped it."""
+    with stop_on_signals(trainer):
+        summary = trainer.fit(data, name)
+    trainer.save()
+    if summary["stopped"]:
+        raise TrainingStopped(f"stopped at step {trainer.step}; {trainer.out_dir} holds a "
+                              f"checkpoint: `twotower train --resume {trainer.out_dir}` with the "
+                              "same events goes on from there")
+    return summary
 
 
 def train(model: TwoTowerModel, data: TrainingData, config: TrainConfig,
@@ -124,59 +438,11 @@ def train(model: TwoTowerModel, data: TrainingData, config: TrainConfig,
     """Train ``model`` on ``data``; returns the frequency estimator (new or continued).
 
     The estimator runs in every correction mode, so a model trained without correction
-    still carries item frequencies for serving and reports.
+    still carries item frequencies for serving and reports. For checkpoints and resume,
+    use a :class:`Trainer`.
     """
-    torch.manual_seed(config.seed)
-    dev = _device(device)
-    model.to(dev).train()
-    estimator = estimator or config.make_estimator()
-    optimizers = make_optimizers(model, config)
-    oracle = oracle_log_q(data, config.batch_size) if config.correction == "oracle" else None
-    log = open(metrics_path, "a") if metrics_path else None  # noqa: SIM115 - closed below
-    steps_per_epoch = -(-len(data.rows) // config.batch_size)
-    bar = tqdm(total=steps_per_epoch * config.epochs, disable=not progress, unit="step",
-               mininterval=1.0,
-               desc=f"train[{config.correction}]")
-    started, examples, running = time.perf_counter(), 0, []
-    try:
-        for epoch in range(config.epochs):
-            for rows in data.batches(config.batch_size):
-                keys = data.item_key[rows]
-                probability = estimator.update_and_probability(keys)
-                log_q = None
-                if config.correction == "streaming":
-                    log_q = torch.from_numpy(np.log(probability)).to(dev)
-                elif config.correction == "oracle":
-                    log_q = torch.from_numpy(oracle[data.item_row[rows]]).to(dev)
-                query = model.query(data.queries.take(rows, dev))
-                item = model.item(data.items.take(data.item_row[rows], dev))
-                loss = in_batch_softmax_loss(
-                    query, item, torch.from_numpy(keys).to(dev), log_q,
-                    torch.from_numpy(data.reward[rows]).to(dev), model.config.temperature,
-                    config.remove_accidental_hits)
-                for optimizer in optimizers:
-                    optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                for optimizer in optimizers:
-                    optimizer.step()
-                examples += len(rows)
-                running.append(loss.item())
-                bar.update(1)
-                if estimator.step % config.log_every == 0:
-                    record = {"step": estimator.step, "epoch": epoch,
-                              "loss": float(np.mean(running)), "examples": examples,
-                              "seconds": round(time.perf_counter() - started, 3)}
-                    bar.set_postfix(loss=f"{record['loss']:.4f}")
-                    if log:
-                        log.write(json.dumps(record) + "\n")
-                    running = []
-        if log and running:
-            log.write(json.dumps({"step": estimator.step, "epoch": config.epochs - 1,
-                                  "loss": float(np.mean(running)), "examples": examples,
-                                  "seconds": round(time.perf_counter() - started, 3)}) + "\n")
-    finally:
-        bar.close()
-        if log:
-            log.close()
+    trainer = Trainer(model, config, estimator, device=device, progress=progress,
+                      metrics_path=metrics_path)
+    trainer.fit(data)
     model.eval()
-    return estimator
+    return trainer.estimator

@@ -2,31 +2,44 @@
 
 Events (one row per training example) name a user, an item, a time and optionally a
 reward; items (one row per corpus item) name the item and its features. Loading checks
-both and says what is wrong and where; it never drops a row silently.
+both and says what is wrong and where; it never drops a row silently: every removed
+event is counted in :attr:`Interactions.report`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from twotower.data.history import causal_history
+from twotower.data import checks
+from twotower.data.cleaning import Cleaning, clean
+from twotower.data.corpus import ItemCorpus
+from twotower.data.history import HistoryFeature, causal_history, history_of, last_n
+from twotower.data.splits import time_split
 from twotower.features import Bag
-from twotower.hashing import to_int64_ids
 
-__all__ = ["Columns", "Interactions", "load_interactions", "read_table"]
+__all__ = ["HISTORY", "Columns", "Interactions", "item_columns", "load_interactions", "read_table",
+           "unknown_items"]
 
 HISTORY = "history"
+MISSING_ITEMS: tuple[str, ...] = ("error", "drop")
 
 
 @dataclass(frozen=True)
 class Columns:
-    """Which columns of the events and items tables mean what."""
+    """Which columns of the events and items tables mean what.
+
+    ``item`` names the item column of the events and ``item_key`` the key column of the
+    items table (default: the same name). ``history_length`` is the length of the default
+    ``history`` query feature (the keys of the user's last items); a schema's history
+    features may use any length up to it.
+    """
 
     user: str = "user_id"
     item: str = "item_id"
@@ -34,14 +47,22 @@ class Columns:
     reward: str | None = "reward"
     item_features: tuple[str, ...] = ("channel", "category")
     history_length: int = 20
+    item_key: str | None = None
+
+    @property
+    def key(self) -> str:
+        """The items table's key column."""
+        return self.item_key or self.item
 
 
 @dataclass
 class Interactions:
     """Events in time order (ties kept in file order) and the item corpus.
 
-    ``item_row[e]`` is the row of event ``e``'s item in ``items``; ``history`` holds,
-    per event, the keys of the user's last items strictly before it.
+    ``item_row[e]`` is the row of event ``e``'s item in ``items``; ``history_rows`` holds,
+    per event, the item rows of the user's last ``columns.history_length`` items strictly
+    before it (``history`` the same as item keys). ``context`` holds further query
+    features by name: event columns and history features of a schema.
     """
 
     columns: Columns
@@ -50,30 +71,39 @@ class Interactions:
     item_row: np.ndarray
     timestamp: np.ndarray
     reward: np.ndarray
-    history: Bag
+    history_rows: Bag
     items: pa.Table
     item_keys: np.ndarray
     report: dict = field(default_factory=dict)
+    context: dict[str, object] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.item)
 
-    def query_columns(self) -> dict[str, object]:
-        """The raw query features of every event, by feature name."""
-        return {self.columns.user: self.user, HISTORY: self.history}
+    @cached_property
+    def history(self) -> Bag:
+        """Per event, the keys of the user's last items strictly before it (oldest first)."""
+        return history_of(self.history_rows, self.item_keys)
+
+    def query_columns(self, names: Iterable[str] | None = None) -> dict[str, object]:
+        """The raw query features of every event, by feature name (default: all)."""
+        available = [self.columns.user, HISTORY, *self.context]
+        wanted = available if names is None else [n for n in names if n in available]
+        return {name: self._query_column(name) for name in wanted}
+
+    def _query_column(self, name: str) -> object:
+        if name in self.context:
+            return self.context[name]
+        return self.user if name == self.columns.user else self.history
 
     def item_columns(self) -> dict[str, object]:
         """The raw item features of every corpus item, by feature name."""
-        columns: dict[str, object] = {self.columns.item: self.item_keys}
-        for name in self.columns.item_features:
-            columns[name] = self.items.column(name)
-        return columns
+        return item_columns(self.columns, self.items, self.item_keys)
 
     def split_at(self, cutoff: int) -> tuple[np.ndarray, np.ndarray]:
         """Global time split: rows before ``cutoff`` train, rows at or after it test."""
-        rows = np.arange(len(self))
-        before = self.timestamp < cutoff
-        return rows[before], rows[~before]
+        split = time_split(self.timestamp, cutoff)
+        return split.train, split.test
 
     def item_rows(self, keys: np.ndarray) -> np.ndarray:
         """Rows in ``items`` of the item ``keys`` (which must all be in the corpus)."""
@@ -87,6 +117,15 @@ class Interactions:
     def item_counts(self, rows: np.ndarray) -> np.ndarray:
         """``[num_items]`` number of events of each corpus item among ``rows``."""
         return np.bincount(self.item_row[rows], minlength=len(self.item_keys))
+
+
+def item_columns(columns: Columns, items: pa.Table, keys: np.ndarray) -> dict[str, object]:
+    """The item key and item feature columns of the items table, by feature name."""
+    found: dict[str, object] = {columns.key: keys}
+    for name in columns.item_features:
+        if name != columns.key:
+            found[name] = items.column(name)
+    return found
 
 
 def read_table(path: str | Path, what: str) -> pa.Table:
@@ -105,96 +144,84 @@ def read_table(path: str | Path, what: str) -> pa.Table:
     return table
 
 
-def _column(table: pa.Table, name: str, where: str) -> pa.ChunkedArray:
-    if name not in table.column_names:
-        raise KeyError(f"{where}: column {name!r} not found; columns are {table.column_names}")
-    column = table.column(name)
-    if column.null_count:
-        first = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
-        raise ValueError(f"{where}: column {name!r} has {column.null_count} null value(s), "
-                         f"first at row {first}")
-    return column
+def unknown_items(known: np.ndarray, item: np.ndarray, missing_items: str, where: str,
+                  first_row: int = 0) -> int:
+    """Count events whose item is not in the corpus; raise if ``missing_items`` is error."""
+    if missing_items not in MISSING_ITEMS:
+        raise ValueError(f"missing_items must be one of {MISSING_ITEMS}, got {missing_items!r}")
+    count = int((~known).sum())
+    if count and missing_items == "error":
+        row = int(np.argmin(known))
+        raise ValueError(f"{where}: {count} event(s) name an item missing from the items "
+                         f"table, first at row {first_row + row} (item {int(item[row])}); "
+                         "add the items, or pass missing_items='drop' (schema: "
+                         "`missing_items: drop`, CLI: --drop-unknown-items) to skip and "
+                         "count them")
+    return count
 
 
-def _ids(table: pa.Table, name: str, where: str) -> np.ndarray:
-    try:
-        return to_int64_ids(_column(table, name, where))
-    except TypeError as error:
-        raise TypeError(f"{where}: column {name!r}: {error}") from None
-
-
-def _timestamps(table: pa.Table, name: str, where: str) -> np.ndarray:
-    column = _column(table, name, where)
-    if pa.types.is_timestamp(column.type) or pa.types.is_date(column.type):
-        column = pc.cast(column, pa.int64()) if pa.types.is_timestamp(column.type) else \
-            pc.cast(pc.cast(column, pa.timestamp("s")), pa.int64())
-    elif not pa.types.is_integer(column.type):
-        raise TypeError(f"{where}: column {name!r} must hold integer times or timestamps, "
-                        f"got {column.type}")
-    return column.to_numpy().astype(np.int64)
-
-
-def _rewards(table: pa.Table, name: str | None, where: str) -> np.ndarray:
-    if name is None:
-        return np.ones(table.num_rows, dtype=np.float32)
-    column = _column(table, name, where)
-    if not (pa.types.is_floating(column.type) or pa.types.is_integer(column.type)):
-        raise TypeError(f"{where}: reward column {name!r} must be numeric, got {column.type}")
-    reward = column.to_numpy().astype(np.float32)
-    bad = ~np.isfinite(reward) | (reward < 0)
-    if bad.any():
-        first = int(np.argmax(bad))
-        raise ValueError(f"{where}: reward column {name!r} has {int(bad.sum())} NaN, infinite "
-                         f"or negative value(s), first at row {first} ({reward[first]})")
-    return reward
+def history_features(history_rows: Bag, corpus: ItemCorpus,
+                     histories: Sequence[HistoryFeature], where: str) -> dict[str, Bag]:
+    """Each history feature's bags: its item column over the newest ``length`` history items."""
+    return {h.name: history_of(last_n(history_rows, h.length),
+                               corpus.values(h.column, f"{where} (history feature {h.name!r})"))
+            for h in histories}
 
 
 def load_interactions(events: str | Path | pa.Table, items: str | Path | pa.Table,
-                      columns: Columns | None = None,
-                      missing_items: str = "error") -> Interactions:
-    """Load, check and order an interaction log against its item corpus.
+                      columns: Columns | None = None, missing_items: str = "error",
+                      cleaning: Cleaning | None = None,
+                      histories: Sequence[HistoryFeature] = (),
+                      context: Sequence[str] = (),
+                      where: tuple[str, str] | None = None) -> Interactions:
+    """Load, check, clean and order an interaction log against its item corpus.
 
     Args:
         events, items: Parquet/CSV paths or Arrow tables.
         missing_items: what to do with events whose item is not in the items table:
             ``"error"`` (default) or ``"drop"`` (dropped rows are counted in ``report``).
+        cleaning: optional de-duplication, minimum counts and k-core (counted too).
+        histories: history features to build (any length up to ``history_length``).
+        context: further event columns to keep as query features, by name.
+        where: how messages name the events and items (default: their paths).
     """
     columns = columns or Columns()
-    where_events = f"events {events}" if not isinstance(events, pa.Table) else "events"
-    where_items = f"items {items}" if not isinstance(items, pa.Table) else "items"
+    where_events, where_items = where or (
+        f"events {events}" if not isinstance(events, pa.Table) else "events",
+        f"items {items}" if not isinstance(items, pa.Table) else "items")
     events = events if isinstance(events, pa.Table) else read_table(events, "events")
     items = items if isinstance(items, pa.Table) else read_table(items, "items")
 
-    item_keys = _ids(items, columns.item, where_items)
-    unique_keys, first, counts = np.unique(item_keys, return_index=True, return_counts=True)
-    if (counts > 1).any():
-        dup = unique_keys[counts > 1]
-        raise ValueError(f"{where_items}: {len(dup)} duplicate item key(s) in column "
-                         f"{columns.item!r}, for example {dup[:5].tolist()}")
-    for name in columns.item_features:
-        _column(items, name, where_items)
+    corpus = ItemCorpus.from_table(items, columns.key, where_items)
+    checks.check_columns(columns.item_features, items.column_names, where_items)
+    if events.num_rows == 0:
+        raise ValueError(f"{where_events} has no rows")
+    user = checks.ids(events, columns.user, where_events)
+    item = checks.ids(events, columns.item, where_events)
+    timestamp = checks.times(events, columns.timestamp, where_events)
+    reward = checks.rewards(events, columns.reward, where_events)
+    for name in context:
+        checks.check_columns([name], events.column_names, where_events)
+        if not pa.types.is_list(events.schema.field(name).type):
+            checks.column(events, name, where_events)  # nulls; an empty list is a fine bag
+    too_long = [h.name for h in histories if h.length > columns.history_length]
+    if too_long:
+        raise ValueError(f"history features {too_long} are longer than history_length "
+                         f"{columns.history_length}")
 
-    user = _ids(events, columns.user, where_events)
-    item = _ids(events, columns.item, where_events)
-    timestamp = _timestamps(events, columns.timestamp, where_events)
-    reward = _rewards(events, columns.reward, where_events)
+    item_row, known = corpus.lookup(item)
+    report = {"events_read": len(item),
+              "events_unknown_item": unknown_items(known, item, missing_items, where_events)}
+    rows = np.flatnonzero(known)
+    rows = rows[np.argsort(timestamp[rows], kind="stable")]
+    keep, cleaned = clean(user[rows], item[rows], cleaning or Cleaning())
+    rows = rows[keep]
+    report.update(cleaned)
+    report["events_kept"] = len(rows)
 
-    position = np.clip(np.searchsorted(unique_keys, item), 0, len(unique_keys) - 1)
-    known = unique_keys[position] == item
-    report = {"events_read": len(item), "events_unknown_item": int((~known).sum())}
-    if not known.all():
-        if missing_items != "drop":
-            rows = np.flatnonzero(~known)
-            raise ValueError(f"{where_events}: {len(rows)} event(s) name an item missing from "
-                             f"the items table, first at row {int(rows[0])} (item "
-                             f"{int(item[rows[0]])}); pass missing_items='drop' to skip them")
-        user, item, timestamp, reward = user[known], item[known], timestamp[known], reward[known]
-        position = position[known]
-    item_row = first[position]
-
-    order = np.argsort(timestamp, kind="stable")
-    user, item, timestamp, reward = user[order], item[order], timestamp[order], reward[order]
-    history = causal_history(user, timestamp, item, columns.history_length)
-    report["events_kept"] = len(item)
-    return Interactions(columns, user, item, item_row[order], timestamp, reward, history,
-                        items, item_keys, report)
+    user, item, timestamp = user[rows], item[rows], timestamp[rows]
+    history_rows = causal_history(user, timestamp, item_row[rows], columns.history_length)
+    extra = {name: events.column(name).take(pa.array(rows)) for name in context}
+    extra.update(history_features(history_rows, corpus, histories, where_items))
+    return Interactions(columns, user, item, item_row[rows], timestamp, reward[rows],
+                        history_rows, items, corpus.keys, report, extra)

@@ -1,0 +1,125 @@
+"""A schema's tables on disk: found, checked against the features, read whole.
+
+Events and items are a Parquet or CSV file each, or a directory of them (read as one
+pyarrow dataset), or a MovieLens directory. Every column a schema names is checked
+before any row is read: present (with a suggestion for a misspelling) and of a type
+its feature kind can use.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+
+from twotower.data import checks
+from twotower.data.interactions import Interactions, load_interactions
+from twotower.data.schema import FeatureConfig, Schema
+
+__all__ = ["check_features", "event_columns", "events_dataset", "load", "read_items",
+           "read_tables"]
+
+
+def _dataset(path: str, what: str) -> ds.Dataset:
+    location = Path(path)
+    if not location.exists():
+        raise FileNotFoundError(f"{what} file not found: {location}")
+    files = sorted(location.rglob("*")) if location.is_dir() else [location]
+    suffixes = {f.suffix for f in files if f.is_file() and not f.name.startswith((".", "_"))}
+    if location.is_dir() and not suffixes & {".parquet", ".csv"}:
+        raise FileNotFoundError(f"{what} directory {location} holds no .parquet or .csv files")
+    file_format = "csv" if (".csv" in suffixes and ".parquet" not in suffixes) else "parquet"
+    try:
+        dataset = ds.dataset(str(location), format=file_format)
+    except (pa.ArrowInvalid, OSError) as error:
+        raise ValueError(f"{what} {location}: cannot read as {file_format}: {error}") from None
+    if dataset.count_rows() == 0:
+        raise ValueError(f"{what} file {location} has no rows")
+    return dataset
+
+
+def events_dataset(schema: Schema) -> ds.Dataset:
+    """The events as a pyarrow dataset (for reading in record batches)."""
+    if schema.movielens is not None:
+        raise ValueError("MovieLens files are text; read them in memory, or convert them to "
+                         "Parquet first to stream them")
+    return _dataset(schema.events.path, "events")
+
+
+def event_columns(schema: Schema) -> list[str]:
+    """Every events column the schema reads."""
+    roles = [schema.events.user, schema.events.item, schema.events.time, schema.events.reward]
+    return list(dict.fromkeys([c for c in roles if c is not None] + schema.context()))
+
+
+_KINDS = {
+    "id": ("integers or strings", lambda t: pa.types.is_integer(t) or pa.types.is_string(t)
+           or pa.types.is_large_string(t) or pa.types.is_binary(t)),
+    "id_list": ("lists of integers or strings",
+                lambda t: (pa.types.is_list(t) or pa.types.is_large_list(t))
+                and _KINDS["id"][1](t.value_type)),
+    "dense": ("numbers", lambda t: pa.types.is_integer(t) or pa.types.is_floating(t)
+              or pa.types.is_boolean(t)),
+}
+
+
+def _check_kind(schema: pa.Schema, column: str, kind: str, feature: str, where: str) -> None:
+    checks.check_columns([column], schema.names, where)
+    expected, accepts = _KINDS[kind]
+    found = schema.field(column).type
+    if not accepts(found):
+        raise TypeError(f"{where}: column {column!r} (feature {feature!r}, kind {kind}) must "
+                        f"hold {expected}, got {found}; fix the column or the feature's kind")
+
+
+def _history_kind(items: pa.Schema, feature: FeatureConfig) -> str:
+    found = items.field(feature.history).type if feature.history in items.names else None
+    is_list = found is not None and (pa.types.is_list(found) or pa.types.is_large_list(found))
+    return "id_list" if is_list else "id"
+
+
+def check_features(schema: Schema, events: pa.Schema, items: pa.Schema, where_events: str,
+                   where_items: str) -> None:
+    """Every column the features read exists and suits the feature's kind."""
+    checks.check_columns(event_columns(schema), events.names, where_events)
+    checks.check_columns([schema.items.key], items.names, where_items)
+    for feature in schema.item_features:
+        _check_kind(items, feature.name, feature.kind, feature.name, where_items)
+    for feature in schema.query_features:
+        if feature.history is not None:
+            _check_kind(items, feature.history, _history_kind(items, feature), feature.name,
+                        f"{where_items} (history feature {feature.name!r})")
+        elif feature.name != schema.events.user:
+            _check_kind(events, feature.name, feature.kind, feature.name, where_events)
+
+
+def read_items(schema: Schema) -> tuple[pa.Table, str]:
+    """The whole items table of a file-based schema and how messages name it."""
+    return _dataset(schema.items.path, "items").to_table(), f"items {schema.items.path}"
+
+
+def read_tables(schema: Schema) -> tuple[pa.Table, pa.Table, str, str]:
+    """``(events, items, where_events, where_items)``: the events columns the schema reads
+    and the whole items table, with the names messages use for them."""
+    if schema.movielens is not None:
+        from twotower.data.movielens import read_movielens
+
+        events, items, _ = read_movielens(schema.movielens)
+        where = f"{schema.movielens} (MovieLens)"
+        checks.check_columns(event_columns(schema), events.column_names, f"events {where}")
+        return events.select(event_columns(schema)), items, f"events {where}", f"items {where}"
+    dataset = _dataset(schema.events.path, "events")
+    items, where_items = read_items(schema)
+    where = f"events {schema.events.path}"
+    checks.check_columns(event_columns(schema), dataset.schema.names, where)
+    return dataset.to_table(columns=event_columns(schema)), items, where, where_items
+
+
+def load(schema: Schema) -> Interactions:
+    """Read, check, clean and order a schema's log, with its history features, in memory."""
+    events, items, where_events, where_items = read_tables(schema)
+    check_features(schema, events.schema, items.schema, where_events, where_items)
+    return load_interactions(events, items, schema.columns(), schema.missing_items,
+                             schema.cleaning_steps(), schema.histories(), schema.context(),
+                             where=(where_events, where_items))

@@ -1,0 +1,360 @@
+"""The HTTP service, in process: answers, clear 4xx errors, micro-batching, hot swap."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tiny_serving import make_artifacts, make_model
+from twotower.index import index_items
+from twotower.recommend import Recommender
+from twotower.serve import Limits, MicroBatcher, create_app
+
+LIMITS = Limits(max_k=50, max_batch=4, max_body_bytes=4000)
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    return make_artifacts(tmp_path_factory.mktemp("serve"))
+
+
+@pytest.fixture(scope="module")
+def other(artifacts, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A second model and its index, for swaps."""
+    root = tmp_path_factory.mktemp("other")
+    model = make_model(root / "model", seed=1)
+    return model, index_items(model, artifacts[1]).save(root / "index")
+
+
+@pytest.fixture()
+def recommender(artifacts) -> Recommender:
+    return Recommender.load(artifacts[0], artifacts[2])
+
+
+@contextlib.asynccontextmanager
+async def serving(app):
+    """The app with its startup and shutdown run, and an httpx client talking to it."""
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            yield http
+
+
+class Client:
+    """A synchronous client over :func:`serving`, on its own event loop."""
+
+    def __init__(self, app) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.context = serving(app)
+        self.http = self.loop.run_until_complete(self.context.__aenter__())
+
+    def get(self, url: str, **kwargs) -> httpx.Response:
+        return self.loop.run_until_complete(self.http.get(url, **kwargs))
+
+    def post(self, url: str, **kwargs) -> httpx.Response:
+        return self.loop.run_until_complete(self.http.post(url, **kwargs))
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.context.__aexit__(None, None, None))
+        self.loop.close()
+
+
+@contextlib.contextmanager
+def client_for(app):
+    client = Client(app)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture()
+def client(recommender) -> Client:
+    with client_for(create_app(recommender, LIMITS)) as client:
+        yield client
+
+
+def direct(recommender: Recommender, k: int = 5, **features) -> list:
+    [result] = recommender.recommend_queries([recommender.parse(features, k)])
+    return result.keys
+
+
+def test_recommend_single_and_batch(client, recommender):
+    body = {"features": {"user_id": 3, "history": [1, 2]}, "k": 5}
+    response = client.post("/v1/recommend", json=body)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["items"] == direct(recommender, user_id=3, history=[1, 2])
+    assert len(answer["scores"]) == 5 and answer["scores"] == sorted(answer["scores"])[::-1]
+    shortcut = client.post("/v1/recommend", json={"user": 3, "history": [1, 2], "k": 5}).json()
+    assert shortcut == answer
+    cold = client.post("/v1/recommend", json={"user": 3}).json()  # no history: empty
+    assert cold["items"] == direct(recommender, 10, user_id=3, history=[])
+    excluded = client.post("/v1/recommend", json={**body, "exclude": answer["items"][:2],
+                                                  "popularity_penalty": 0.05}).json()
+    assert not set(answer["items"][:2]) & set(excluded["items"]) and len(excluded["items"]) == 5
+    batch = client.post("/v1/recommend/batch", json={"queries": [body, {"user": 4, "k": 2}]})
+    assert batch.status_code == 200
+    results = batch.json()["results"]
+    assert results[0] == answer and len(results[1]["items"]) == 2
+
+
+def test_health_model_and_openapi(client, artifacts):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").json()["status"] == "ready"
+    info = client.get("/v1/model").json()
+    assert info["index"]["corpus_size"] == 300 and info["index"]["kind"] == "exact"
+    assert info["index"]["recall@100"] == 1.0 and info["index"]["popularity_penalty"]
+    assert info["model"]["dir"] == str(artifacts[0]) and "torch" in info["model"]["versions"]
+    assert info["model"]["history_features"] == ["history"] and info["limits"]["max_k"] == 50
+    assert "faiss" in info["index"]["versions"] and info["reloads"] == 0
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/v1/recommend", "/v1/recommend/batch", "/v1/model", "/healthz", "/readyz",
+            "/v1/admin/reload"} <= set(paths)
+
+
+BAD_REQUESTS = [
+    ({"features": {"user_id": 1, "history": [], "age": 3}}, 422, ["body", "features", "age"]),
+    ({"features": {"history": []}}, 422, ["body", "features", "user_id"]),
+    ({"features": {"user_id": 1.5, "history": []}}, 422, ["body", "features", "user_id"]),
+    ({"features": {"user_id": 1, "history": "1 2"}}, 422, ["body", "features", "history"]),
+    ({"features": {"user_id": 1, "history": [1, None]}}, 422,
+     ["body", "features", "history", 1]),
+    ({"user": 1, "history": [1, None]}, 422, ["body", "history", 1]),
+    ({"user": 1, "features": {"user_id": 1, "history": []}}, 422, ["body"]),
+    ({}, 422, ["body"]),
+    ({"user": 1, "k": 51}, 422, ["body", "k"]),
+    ({"user": 1, "k": 0}, 422, ["body", "k"]),
+    ({"user": 1, "k": "5"}, 422, ["body", "k"]),
+    ({"user": 1, "popularity_penalty": "high"}, 422, ["body", "popularity_penalty"]),
+    ({"user": 1, "exclude": [{"a": 1}]}, 422, ["body", "exclude", 0]),
+    ({"user": 1, "surprise": True}, 422, ["body", "surprise"]),
+    ([1, 2], 422, ["body"]),
+]
+
+
+@pytest.mark.parametrize("body, status, loc", BAD_REQUESTS)
+def test_bad_requests_get_clear_errors(client, body, status, loc):
+    response = client.post("/v1/recommend", json=body)
+    assert response.status_code == status, response.text
+    detail = response.json()["detail"]
+    assert detail[0]["loc"][:len(loc)] == loc and detail[0]["msg"]  # the field, then the type
+
+
+def test_malformed_oversized_and_batch_limits(client):
+    headers = {"content-type": "application/json"}
+    malformed = client.post("/v1/recommend", content=b'{"user": 1,', headers=headers)
+    assert malformed.status_code == 400 and malformed.json()["detail"][0]["type"] == "json_invalid"
+    big = {"user": 1, "exclude": list(range(2000))}
+    assert client.post("/v1/recommend", json=big).status_code == 413
+
+    async def chunks():
+        for _ in range(10):
+            yield b" " * 1000
+
+    chunked = client.post("/v1/recommend", headers=headers, content=chunks())  # no length
+    assert chunked.status_code == 413 and "limit of 4000 bytes" in chunked.text
+    too_many = client.post("/v1/recommend/batch", json={"queries": [{"user": 1}] * 5})
+    assert too_many.status_code == 422 and too_many.json()["detail"][0]["loc"] == [
+        "body", "queries"]
+    empty = client.post("/v1/recommend/batch", json={"queries": []})
+    assert empty.status_code == 422
+    nested = client.post("/v1/recommend/batch", json={"queries": [{"user": 1}, {"k": 3}]})
+    assert nested.status_code == 422 and nested.json()["detail"][0]["loc"] == [
+        "body", "queries", 1]
+    assert client.get("/v1/recommend").status_code == 405
+    plain = client.post("/v1/recommend", content=b'{"user": 1}')  # no content-type
+    assert plain.status_code == 415 and "application/json" in plain.text
+    assert client.get("/healthz").status_code == 200  # and the service is still fine
+
+
+def _body(i: int) -> dict:
+    return {"user": i % 17, "history": [i % 7], "k": 5}
+
+
+def _traffic(app, clients: int, during=None) -> tuple[list[tuple[int, int, list]], object]:
+    """``clients`` concurrent clients, each sending recommendations back to back: 5 each,
+    or with ``during``, until ``during(http)`` has finished and then 5 more. Returns each
+    request's number, status and items, and what ``during`` returned."""
+
+    async def run():
+        async with serving(app) as http:
+            finished = asyncio.Event()
+            answers: list = []
+
+            async def client(c: int) -> None:
+                after, i = 0, c
+                while after < 5:
+                    response = await http.post("/v1/recommend", json=_body(i))
+                    answers.append((i, response.status_code, response.json().get("items")))
+                    after += during is None or finished.is_set()
+                    i += clients
+
+            async def watch():
+                try:
+                    return await during(http) if during else None
+                finally:
+                    finished.set()
+
+            *_, result = await asyncio.gather(*(client(c) for c in range(clients)), watch())
+            return answers, result
+
+    return asyncio.run(run())
+
+
+def test_concurrent_requests_are_micro_batched(recommender):
+    sizes = []
+    inner = recommender.recommend_queries
+
+    def spy(queries):
+        sizes.append(len(queries))
+        return inner(queries)
+
+    recommender.recommend_queries = spy
+    app = create_app(recommender, Limits(max_wait_ms=5.0, max_micro_batch=32))
+    answers, _ = _traffic(app, 40)
+    assert [status for _, status, _ in answers] == [200] * 200
+    assert sum(sizes) == 200 and max(sizes) <= 32 and len(sizes) < 100  # 40 clients, batched
+
+
+def test_batches_keep_the_recommender_they_started_with(recommender, other):
+    second = Recommender.load(*other)
+    queries = [recommender.parse({"user_id": u, "history": []}, 3) for u in range(4)]
+
+    async def run():
+        batcher = MicroBatcher(64, 0.01)
+        try:
+            return await asyncio.gather(batcher.submit(recommender, queries[:2]),
+                                        batcher.submit(second, queries[2:]))
+        finally:
+            batcher.close()
+
+    first_answers, second_answers = asyncio.run(run())
+    assert [a.keys for a in first_answers] == [
+        r.keys for r in recommender.recommend_queries(queries[:2])]
+    assert [a.keys for a in second_answers] == [
+        r.keys for r in second.recommend_queries(queries[2:])]
+
+
+def _features(i: int) -> dict:
+    return {"user_id": i % 17, "history": [i % 7]}
+
+
+def test_hot_swap_under_traffic_and_broken_reload(recommender, artifacts, other, tmp_path):
+    app = create_app(recommender, LIMITS)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+
+    async def swap(http: httpx.AsyncClient) -> list:
+        await asyncio.sleep(0.05)
+        bad = await http.post("/v1/admin/reload", json={"model_dir": str(tmp_path / "broken")})
+        mismatched = await http.post("/v1/admin/reload",
+                                     json={"model_dir": str(other[0])})  # old index
+        good = await http.post("/v1/admin/reload",
+                               json={"model_dir": str(other[0]), "index_dir": str(other[1])})
+        return [bad, mismatched, good]
+
+    old, new = recommender, Recommender.load(*other)
+    answers, [bad, mismatched, good] = _traffic(app, 20, swap)
+    assert {status for _, status, _ in answers} == {200}  # not one failed during the swaps
+    served_by = [(items == direct(old, **_features(i)), items == direct(new, **_features(i)))
+                 for i, _, items in answers]
+    assert all(by_old or by_new for by_old, by_new in served_by)
+    assert any(by_old and not by_new for by_old, by_new in served_by)  # before the swap
+    assert any(by_new and not by_old for by_old, by_new in served_by)  # and after it
+    assert bad.status_code == 422 and "reload refused" in bad.json()["detail"][0]["msg"]
+    assert "not a valid model config" in bad.json()["detail"][0]["msg"]
+    assert mismatched.status_code == 422 and "another model" in mismatched.text
+    assert good.status_code == 200 and good.json()["status"] == "reloaded"
+    with client_for(app) as client:
+        info = client.get("/v1/model").json()
+        assert info["model"]["dir"] == str(other[0]) and info["reloads"] == 1
+        answer = client.post("/v1/recommend", json={"user": 2, "history": [], "k": 5}).json()
+        assert answer["items"] == direct(Recommender.load(*other), user_id=2, history=[])
+        # A reload with no body re-reads the current directories.
+        assert client.post("/v1/admin/reload").json()["model_dir"] == str(other[0])
+
+
+def test_penalty_on_an_index_without_popularity_is_a_422(artifacts, tmp_path):
+    model, items, _ = artifacts
+    plain = index_items(model, items, popularity=False).save(tmp_path / "plain")
+    with client_for(create_app(Recommender.load(model, plain))) as client:
+        response = client.post("/v1/recommend", json={"user": 1, "popularity_penalty": 0.1})
+        assert response.status_code == 422 and "no popularity column" in response.text
+        assert client.post("/v1/recommend", json={"user": 1}).status_code == 200
+
+
+def test_reload_can_be_disabled(recommender):
+    with client_for(create_app(recommender, allow_reload=False)) as client:
+        assert client.post("/v1/admin/reload").status_code == 404
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_serve_binds_loopback_and_reloads_on_sighup(tmp_path):
+    model, _, index = make_artifacts(tmp_path / "a")
+    port = _free_port()
+    code = f"from twotower.serve import serve; serve({str(model)!r}, {str(index)!r}, port={port})"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    server = subprocess.Popen([sys.executable, "-c", code], env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"{url}/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.05)
+        assert httpx.get(f"{url}/v1/model").json()["reloads"] == 0
+        server.send_signal(signal.SIGHUP)
+        for _ in range(100):
+            if httpx.get(f"{url}/v1/model").json()["reloads"] == 1:
+                break
+            time.sleep(0.05)
+        assert httpx.get(f"{url}/v1/model").json()["reloads"] == 1
+        answer = httpx.post(f"{url}/v1/recommend", json={"user": 1, "k": 3}).json()
+        assert len(answer["items"]) == 3 and json.dumps(answer)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_slow_answers_time_out_and_non_finite_embeddings_are_refused(recommender):
+    import time as clock
+
+    import torch
+
+    inner, model_query = recommender.recommend_queries, recommender.model.query
+
+    def slow(queries):
+        clock.sleep(0.3)
+        return inner(queries)
+
+    recommender.recommend_queries = slow
+    with client_for(create_app(recommender, Limits(timeout_s=0.05))) as client:
+        response = client.post("/v1/recommend", json={"user": 1})
+        assert response.status_code == 503 and "no answer within" in response.text
+    recommender.recommend_queries = inner
+    recommender.model.query = lambda batch: torch.full((len(batch["user_id"]), 8), torch.nan)
+    try:
+        with client_for(create_app(recommender)) as client:
+            response = client.post("/v1/recommend", json={"user": 1})
+            assert response.status_code == 422 and "non-finite" in response.text
+    finally:
+        recommender.model.query = model_query
