@@ -20,7 +20,7 @@ from twotower.data.interactions import load_interactions
 from twotower.data.synthetic import SyntheticConfig, generate, write
 from twotower.evaluate import GROUPS, embed
 from twotower.experiment import default_model_config, fit, prepare, score
-from twotower.index import ItemIndex
+from twotower.index import ItemIndex, index_items
 from twotower.report import RunReport, write_report
 from twotower.train import CORRECTIONS, TrainConfig, oracle_log_q
 
@@ -93,8 +93,7 @@ def run_quickstart(out: str | Path = "twotower-quickstart", small: bool = False,
     echo(format_table(results, columns))
 
     model = models["streaming"]
-    index = ItemIndex.build(embed(model, prepared.items, "item").numpy(),
-                            interactions.item_keys)
+    index = index_items(out / "models" / "streaming", paths["items"])
     index.save(out / "index")
     _show_recommendations(model, prepared, index, test_rows, echo)
     echo(f"\nreport: {report}")
