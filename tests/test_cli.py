@@ -72,3 +72,27 @@ def test_simulate_command_writes_table_and_plots(tmp_path: Path,
     assert "alpha=0.2" in capsys.readouterr().out
     for name in ("errors.csv", "summary.csv", "alpha.png", "hashes.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_train_then_resume_on_the_next_day(quickstart: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture) -> None:
+    import pyarrow.compute as pc
+
+    events = pq.read_table(quickstart / "data" / "events.parquet")
+    items = str(quickstart / "data" / "items.parquet")
+    day3 = tmp_path / "day3.parquet"
+    pq.write_table(events.filter(pc.equal(events["day"], 3)), day3)
+    model = tmp_path / "m"
+    assert main(["train", "--events", str(quickstart / "data" / "events.parquet"), "--items",
+                 items, "--out", str(model), "--until", str(EPOCH + 3 * SECONDS_PER_DAY),
+                 "--batch-size", "256", "--quiet"]) == 0
+    _, before, _ = load_model(model)
+    lines_before = len((model / "metrics.jsonl").read_text().splitlines())
+    capsys.readouterr()
+    assert main(["train", "--resume", str(model), "--events", str(day3), "--items", items,
+                 "--quiet"]) == 0
+    _, after, _ = load_model(model)
+    assert after.step == before.step + -(-4000 // 256)
+    records = [json.loads(x) for x in (model / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) > lines_before
+    assert any(r.get("event") == "eval" for r in records[lines_before:])

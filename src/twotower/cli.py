@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from twotower.cli_serving import add_commands
 
 __all__ = ["main"]
 
@@ -91,10 +94,11 @@ def _split_choice(args: argparse.Namespace, schema, stored: dict) -> tuple[str |
                   if v is not None}
 
 
-def _train(args: argparse.Namespace) -> int:
+def _train_new(args: argparse.Namespace) -> int:
     import numpy as np
 
     from twotower.data.splits import cutoff_for_fraction, split_log
+    from twotower.distributed import World
     from twotower.train import TrainConfig
 
     schema = _schema(args)
@@ -124,7 +128,8 @@ def _train(args: argparse.Namespace) -> int:
         stream.until = params.get("cutoff")
         data = StreamingTrainingData(stream, schema_model_config(schema, stream_ids(stream)))
         split = {"kind": kind, **params} if kind else {"kind": "none"}
-        fit_stream(data, config, args.out, not args.quiet, {**extra, "split": split})
+        fit_stream(data, config, args.out, not args.quiet, {**extra, "split": split},
+                   args.device, args.checkpoint_every)
         report, trained = stream.report, stream.report["events_kept"]
     else:
         from twotower.experiment import fit, memory_ids, prepare, schema_model_config
@@ -137,10 +142,115 @@ def _train(args: argparse.Namespace) -> int:
             rows, split = parts.train, {**params, **parts.summary()}
         model_config = schema_model_config(schema, memory_ids(interactions))
         fit(prepare(interactions, model_config), rows, config, args.out, not args.quiet,
-            {**extra, "split": split, "data": interactions.report})
+            {**extra, "split": split, "data": interactions.report}, args.device,
+            args.checkpoint_every)
         report, trained = interactions.report, len(rows)
-    print(json.dumps({"model": str(args.out), "trained_on": trained, "data": report,
-                      "split": split}, indent=2))
+    if World.current().main:
+        print(json.dumps({"model": str(args.out), "trained_on": trained, "data": report,
+                          "split": split}, indent=2))
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from twotower.distributed import init_from_env, launch
+    from twotower.train import TrainingStopped
+
+    if args.nproc > 1 and "RANK" not in os.environ:  # start the workers, each runs this
+        return launch(args.argv, args.nproc)
+    init_from_env(args.device)
+    if not (args.out or args.resume):
+        raise ValueError("say where to write the model: --out MODEL_DIR")
+    try:
+        if args.follow:
+            return _follow(args)
+        return _resume(args) if args.resume else _train_new(args)
+    except TrainingStopped as stopped:
+        print(f"twotower train: {stopped}", file=sys.stderr)
+        return 130
+
+
+def _train_rows(args: argparse.Namespace, schema, interactions):
+    """The rows of a log in memory to train on: all, or the train part of the split."""
+    import numpy as np
+
+    from twotower.data.splits import split_log
+
+    kind, params = _split_choice(args, schema, {})
+    if kind in (None, "none"):
+        return np.arange(len(interactions)), {"kind": "none"}
+    parts = split_log(kind, interactions.user, interactions.timestamp, **params)
+    return parts.train, {**params, **parts.summary()}
+
+
+def _resume(args: argparse.Namespace) -> int:
+    """Continue a model on new events: test on them first (held out), then train."""
+    import numpy as np
+
+    from twotower.distributed import World
+    from twotower.experiment import prepare
+    from twotower.follow import train_day
+    from twotower.train import Trainer, TrainingStopped, input_name, stop_on_signals
+
+    trainer = Trainer.resume(args.resume, out_dir=args.out, device=args.device,
+                             checkpoint_every=args.checkpoint_every, progress=not args.quiet,
+                             epochs=args.epochs)
+    args.model = args.resume  # how messages name the stored schema
+    schema = _schema(args, trainer.extra)
+    if args.until is not None:
+        args.split, args.cutoff = "time", args.until
+    interactions = _load(schema)
+    rows, split = _train_rows(args, schema, interactions)
+    prepared = prepare(interactions, trainer.model.config)
+    with stop_on_signals(trainer):
+        summary = train_day(trainer, prepared, np.zeros(0, dtype=np.int64), rows,
+                            input_name(prepared.training_data(rows)))
+    trainer.save()
+    if summary["stopped"]:
+        raise TrainingStopped(f"stopped at step {trainer.step}; run the same command again to "
+                              "go on from the checkpoint")
+    if World.current().main:
+        print(json.dumps({"model": str(trainer.out_dir), "step": trainer.step,
+                          "trained_on": len(rows), "data": interactions.report, "split": split,
+                          "summary": summary}, indent=2))
+    return 0
+
+
+def _follow(args: argparse.Namespace) -> int:
+    """Train on the partitions of a directory in time order, then wait for new ones."""
+    from dataclasses import asdict
+
+    import torch
+
+    from twotower.checkpoint import checkpoint_dirs
+    from twotower.data.interactions import Columns
+    from twotower.experiment import default_model_config
+    from twotower.follow import GrowingLog, follow
+    from twotower.towers import TwoTowerModel
+    from twotower.train import TrainConfig, Trainer, stop_on_signals
+
+    out = args.out or args.resume
+    if not args.items:
+        raise ValueError("--follow DIR needs --items ITEMS (the item corpus)")
+    options = {"device": args.device, "checkpoint_every": args.checkpoint_every,
+               "progress": not args.quiet}
+    if checkpoint_dirs(out):  # a follow restarted: go on where it stopped
+        trainer = Trainer.resume(out, epochs=args.epochs, **options)
+        columns = Columns(**{**trainer.extra["columns"],
+                             "item_features": tuple(trainer.extra["columns"]["item_features"])})
+    else:
+        columns = _schema(args).columns() if args.schema else _flag_columns(args)
+        torch.manual_seed(args.seed)
+        config = TrainConfig(batch_size=args.batch_size, epochs=args.epochs,
+                             learning_rate=args.lr, correction=args.correction, seed=args.seed)
+        trainer = Trainer(TwoTowerModel(default_model_config(columns)), config, out_dir=out,
+                          extra={"columns": asdict(columns)}, **options)
+    log = GrowingLog(args.items, columns, trainer.model.config,
+                     "drop" if args.drop_unknown_items else "error")
+    with stop_on_signals(trainer):
+        follow(trainer, args.follow, log, poll_seconds=args.poll)
+    if trainer.world.main:
+        print(json.dumps({"model": str(out), "step": trainer.step,
+                          "partitions": trainer.inputs_done}, indent=2))
     return 0
 
 
@@ -169,27 +279,6 @@ def _evaluate(args: argparse.Namespace) -> int:
         note["warning"] = (f"the model was trained on the {trained.get('kind')} split "
                            f"({trained}); some {args.on} events may have been trained on")
     print(json.dumps(note), file=sys.stderr)
-    return 0
-
-
-def _index(args: argparse.Namespace) -> int:
-    from twotower.checkpoint import load_model
-    from twotower.data.interactions import read_table
-    from twotower.evaluate import embed
-    from twotower.features import EncodedFeatures
-    from twotower.hashing import to_int64_ids
-    from twotower.index import ItemIndex
-
-    model, _, config = load_model(args.model)
-    items = read_table(args.items, "items")
-    features = EncodedFeatures(model.config.item_features, model.config.tables,
-                               {n: items.column(n) for n in items.column_names
-                                if n in {f.name for f in model.config.item_features}},
-                               f"items {args.items}")
-    keys = to_int64_ids(items.column(config["columns"]["item"]))
-    index = ItemIndex.build(embed(model, features, "item").numpy(), keys, args.factory)
-    index.save(args.out)
-    print(f"indexed {len(index):,} items ({args.factory}, inner product) into {args.out}")
     return 0
 
 
@@ -253,7 +342,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("train", help="train a model on a log")
     _data_arguments(p)
-    p.add_argument("--out", required=True, help="model directory to write")
+    p.add_argument("--out", help="model directory to write (with --resume: default MODEL_DIR)")
+    p.add_argument("--resume", metavar="MODEL_DIR",
+                   help="continue MODEL_DIR's training on these events (the next day's log): "
+                        "weights, optimizer, estimator and step carry on; the events are "
+                        "tested on first, and the metrics appended to its metrics log")
+    p.add_argument("--follow", metavar="DIR",
+                   help="train on DIR's partitions (a file or folder per day, name order = "
+                        "time order), checkpoint after each, and wait for the next; "
+                        "SIGINT/SIGTERM stop with a final checkpoint; needs --items")
+    p.add_argument("--poll", type=float, default=30.0,
+                   help="with --follow: seconds between looks for a new partition")
+    p.add_argument("--checkpoint-every", type=int, default=1000, metavar="STEPS",
+                   help="also checkpoint every STEPS steps (0: only at the end)")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes on this machine (PyTorch distributed: gloo on CPU, NCCL "
+                        "on GPUs; the same as torchrun --nproc-per-node N -m twotower train)")
+    p.add_argument("--device", default="auto",
+                   help="auto (this worker's GPU when there is one, else cpu), cpu, cuda, ...")
     p.add_argument("--user-column", default="user_id", help="without --schema")
     p.add_argument("--item-column", default="item_id", help="without --schema")
     p.add_argument("--time-column", default="timestamp", help="without --schema")
@@ -287,17 +393,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="drop items the user interacted with before from each ranking")
     p.set_defaults(run=_evaluate)
 
-    p = commands.add_parser("index", help="build the inner-product index of a model")
-    p.add_argument("model", help="model directory")
-    p.add_argument("--items", required=True, help="items table (Parquet or CSV)")
-    p.add_argument("--out", required=True, help="index directory to write")
-    p.add_argument("--factory", default="Flat", help="faiss index factory string")
-    p.set_defaults(run=_index)
+    add_commands(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # what --nproc starts every worker with
     try:
         return args.run(args)
     except (FileNotFoundError, KeyError, ValueError, TypeError) as error:

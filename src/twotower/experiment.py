@@ -17,7 +17,6 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from twotower.checkpoint import METRICS, save_model
 from twotower.data.corpus import ItemCorpus
 from twotower.data.history import seen_before
 from twotower.data.interactions import HISTORY, Columns, Interactions
@@ -28,7 +27,7 @@ from twotower.features import Bag, EncodedFeatures, FeatureSpec, TableSpec, bag_
 from twotower.frequency import StreamingFrequencyEstimator
 from twotower.hashing import to_int64_ids
 from twotower.towers import ModelConfig, TwoTowerModel
-from twotower.train import TrainConfig, TrainingData, train
+from twotower.train import TrainConfig, Trainer, TrainingData, fit_and_save
 
 __all__ = ["Prepared", "auto_buckets", "default_model_config", "fit", "fit_stream",
            "memory_ids", "prepare", "schema_model_config", "score", "stream_ids"]
@@ -145,35 +144,35 @@ def prepare(interactions: Interactions, model_config: ModelConfig) -> Prepared:
 
 def _train_and_save(model_config: ModelConfig, data: TrainingData | StreamingTrainingData,
                     config: TrainConfig, out_dir: str | Path, columns: Columns, progress: bool,
-                    extra: dict | None) -> tuple[TwoTowerModel, StreamingFrequencyEstimator]:
+                    extra: dict | None, device: str = "auto", checkpoint_every: int = 0,
+                    ) -> tuple[TwoTowerModel, StreamingFrequencyEstimator]:
     torch.manual_seed(config.seed)
-    model = TwoTowerModel(model_config)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    estimator = train(model, data, config, metrics_path=out_dir / METRICS, progress=progress)
-    save_model(out_dir, model, estimator,
-               {"train": asdict(config), "columns": asdict(columns), **(extra or {})})
-    return model, estimator
+    trainer = Trainer(TwoTowerModel(model_config), config, out_dir=out_dir, device=device,
+                      checkpoint_every=checkpoint_every, progress=progress,
+                      extra={"columns": asdict(columns), **(extra or {})})
+    fit_and_save(trainer, data)
+    return trainer.model.eval(), trainer.estimator
 
 
 def fit(prepared: Prepared, rows: np.ndarray, config: TrainConfig, out_dir: str | Path,
-        progress: bool = True, extra: dict | None = None,
-        ) -> tuple[TwoTowerModel, StreamingFrequencyEstimator]:
+        progress: bool = True, extra: dict | None = None, device: str = "auto",
+        checkpoint_every: int = 0) -> tuple[TwoTowerModel, StreamingFrequencyEstimator]:
     """Train a fresh model on ``rows`` and save it into ``out_dir`` (``extra`` goes into its
-    config: the schema, the split, the data report)."""
+    config: the schema, the split, the data report), with checkpoints to resume from."""
     return _train_and_save(prepared.model_config, prepared.training_data(rows), config, out_dir,
-                           prepared.interactions.columns, progress, extra)
+                           prepared.interactions.columns, progress, extra, device,
+                           checkpoint_every)
 
 
 def fit_stream(data: StreamingTrainingData, config: TrainConfig, out_dir: str | Path,
-               progress: bool = True, extra: dict | None = None,
-               ) -> tuple[TwoTowerModel, StreamingFrequencyEstimator]:
+               progress: bool = True, extra: dict | None = None, device: str = "auto",
+               checkpoint_every: int = 0) -> tuple[TwoTowerModel, StreamingFrequencyEstimator]:
     """Train a fresh model on a stream of events and save it into ``out_dir``."""
     if config.correction == "oracle":
         raise ValueError("correction 'oracle' counts every event's item before training, "
                          "which a stream cannot; use none or streaming, or load in memory")
     return _train_and_save(data.model_config, data, config, out_dir, data.stream.columns,
-                           progress, extra)
+                           progress, extra, device, checkpoint_every)
 
 
 def score(model: TwoTowerModel, prepared: Prepared, train_rows: np.ndarray,

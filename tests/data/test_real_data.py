@@ -82,6 +82,7 @@ def test_epinions_coarse_periods_tie_within_a_period():
     assert np.diff(data.history.offsets)[first].sum() == 0  # period 1 sees no history
 
 
+@pytest.mark.slow
 def test_amazon_sports_end_to_end(tmp_path, capsys):
     model = tmp_path / "model"
     assert main(["train", "--schema", str(EXAMPLES / "amazon-sports.yaml"), "--out", str(model),
