@@ -8,9 +8,9 @@ Writes a synthetic log (``--users`` users, ``--items`` items, power-law populari
 history features of length 20) once into ``--workdir``, then runs ``twotower train
 --streaming`` on it in a fresh process and reports that process's peak resident memory
 (``ru_maxrss``) and wall time; a trace of its RSS and training step every 10 s goes
-to ``--workdir``. For scale, the same is measured side by side on the first
-``--small`` events: streamed, and loaded in memory (without ``--streaming``), so the
-table shows what grows with the log and what does not.
+to ``--workdir``. For scale, the same is measured side by side on smaller
+``--small`` logs (1M and 2M events): streamed, and loaded in memory (without
+``--streaming``), so the table shows what grows with the log and what does not.
 """
 
 from __future__ import annotations
@@ -77,24 +77,27 @@ def run(schema: Path, out: Path, streaming: bool, batch_size: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=20_000_000)
-    parser.add_argument("--small", type=int, default=1_000_000)
+    parser.add_argument("--small", type=int, nargs="+", default=[1_000_000, 2_000_000])
     parser.add_argument("--users", type=int, default=200_000)
     parser.add_argument("--items", type=int, default=200_000)
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/twotower-bench-streaming"))
     args = parser.parse_args()
     logs = {}
-    for name, events in (("small", args.small), ("large", args.events)):
+    for events in (args.events, *args.small):
         directory = args.workdir / f"log-{events}"
         if not (directory / "schema.yaml").exists():
             write_log(directory, events, args.users, args.items)
-        logs[name] = directory / "schema.yaml"
+        logs[events] = directory / "schema.yaml"
         size = (directory / "events.parquet").stat().st_size
         rows = pq.ParquetFile(directory / "events.parquet").metadata.num_rows
-        print(f"{name}: {rows:,} events, {size / 2**20:.0f} MiB Parquet", file=sys.stderr)
-    results = [run(logs["large"], args.workdir / "model-large-stream", True, args.batch_size),
-               run(logs["small"], args.workdir / "model-small-stream", True, args.batch_size),
-               run(logs["small"], args.workdir / "model-small-memory", False, args.batch_size)]
+        print(f"{rows:,} events, {size / 2**20:.0f} MiB Parquet", file=sys.stderr)
+    results = [run(logs[args.events], args.workdir / f"model-{args.events}-stream", True,
+                   args.batch_size)]
+    for events in args.small:
+        for streaming in (True, False):
+            out = args.workdir / f"model-{events}-{'stream' if streaming else 'memory'}"
+            results.append(run(logs[events], out, streaming, args.batch_size))
     print(json.dumps({"cpus": os.cpu_count(), "users": args.users, "items": args.items,
                       "batch_size": args.batch_size, "runs": results}, indent=2))
 
