@@ -212,3 +212,25 @@ def test_atomic_write_keeps_old_file_when_writer_raises(tmp_path):
     with pytest.raises(RuntimeError):
         atomic_write(tmp_path / "new.txt", failing)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
+
+
+def test_atomic_write_gives_files_the_usual_mode(tmp_path):
+    import os
+
+    from twotower.checkpoint import atomic_write
+
+    atomic_write(tmp_path / "a.txt", lambda p: p.write_text("x"))
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_fresh_directory_has_the_usual_mode(tmp_path):
+    import os
+
+    from twotower.checkpoint import fresh_directory
+
+    made = fresh_directory(tmp_path, ".x.")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert made.is_dir() and made.stat().st_mode & 0o777 == 0o777 & ~mask

@@ -59,12 +59,27 @@ def versions() -> dict[str, str]:
             "pyarrow": pyarrow.__version__}
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def fresh_directory(parent: Path, prefix: str) -> Path:
+    """A new, empty hidden directory in ``parent`` with the usual mode (mkdtemp makes 0700),
+    to fill and then rename into place."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(path, 0o777 & ~_umask())
+    return path
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; artifacts get the usual mode
     try:
         write(Path(tmp))
         with open(tmp, "rb+") as f:
@@ -203,7 +218,7 @@ def save_checkpoint(directory: str | Path, model: TwoTowerModel,
     while final.exists():  # the same step again (a stop right after a checkpoint)
         n += 1
         final = root / f"{name}-{n}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    tmp = fresh_directory(root, f".{final.name}.")
     tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
     structure = [_encode(o.state_dict(), f"optimizer.{i}", tensors)
                  for i, o in enumerate(optimizers)]

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from twotower.checkpoint import WEIGHTS, atomic_write, versions
+from twotower.checkpoint import WEIGHTS, atomic_write, fresh_directory, versions
 
 __all__ = ["EXACT_BELOW", "RECALL_K", "ItemIndex", "choose_factory", "index_items",
            "model_fingerprint", "recall_at_k"]
@@ -98,7 +98,7 @@ def _replace_directory(directory: Path, write: Callable[[Path], None]) -> None:
         raise ValueError(f"{directory} exists and is not an index directory; refusing "
                          "to replace it (choose another output directory)")
     directory.parent.mkdir(parents=True, exist_ok=True)
-    fresh = Path(tempfile.mkdtemp(prefix=f".{directory.name}.new.", dir=directory.parent))
+    fresh = fresh_directory(directory.parent, f".{directory.name}.new.")
     old = None
     try:
         write(fresh)
