@@ -282,6 +282,20 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from twotower.compare import compare, format_comparison
+    from twotower.data.schema import load_schema
+    from twotower.train import TrainConfig
+
+    train = TrainConfig(batch_size=args.batch_size, epochs=args.epochs, learning_rate=args.lr,
+                        seed=args.seed)
+    results = compare(load_schema(args.schema), args.out, args.modes, args.temperatures,
+                      args.runs, train, args.exclude_seen, not args.quiet)
+    print(format_comparison(results))
+    print(f"report: {Path(args.out).resolve() / 'report' / 'report.html'}")
+    return 0
+
+
 def _simulate(args: argparse.Namespace) -> int:
     from twotower.simulate import format_table, run_simulation
 
@@ -332,6 +346,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exponent", type=float, default=0.8, help="item popularity power law")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_synth)
+
+    p = commands.add_parser("compare", help="correction modes and temperatures side by side")
+    p.add_argument("--schema", required=True, help="schema file (YAML) with a split")
+    p.add_argument("--out", default="twotower-compare", help="output directory")
+    p.add_argument("--modes", nargs="+", choices=["none", "streaming", "oracle"],
+                   default=["none", "streaming", "oracle"])
+    p.add_argument("--temperatures", nargs="+", type=float, default=[0.05])
+    p.add_argument("--runs", type=int, default=1, help="seeds per run (mean and spread)")
+    p.add_argument("--exclude-seen", action="store_true",
+                   help="drop items the user interacted with before from each ranking")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--lr", type=float, default=0.005)
+    p.add_argument("--seed", type=int, default=0, help="first seed")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(run=_compare)
 
     p = commands.add_parser("simulate",
                             help="the paper's simulation of the streaming frequency estimator")
