@@ -72,6 +72,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         np.savez(Path(out) / f"run-{rank}.npz", **_run(trainer, prepared))
         trainer.save()
         assert (trainer.checkpoint() is None) == (rank != 0)
+        dist.barrier()  # leave together: a rank tearing down alone can hang its peer's exit
     finally:
         dist.destroy_process_group()
 

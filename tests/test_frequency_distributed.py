@@ -38,6 +38,7 @@ def _replica(rank: int, port: int, out: str) -> None:
             probabilities.append(estimator.update_global(local))
         np.savez(Path(out) / f"rank{rank}.npz", probabilities=np.concatenate(probabilities),
                  gathered=np.concatenate(gathered), **estimator.state_dict())
+        dist.barrier()  # leave together: a rank tearing down alone can hang its peer's exit
     finally:
         dist.destroy_process_group()
 

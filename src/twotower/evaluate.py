@@ -171,7 +171,7 @@ def retrieval_metrics(rankings: Rankings, positives: np.ndarray, train_counts: n
     for k in ks:
         column = top[:, :k]
         metrics[f"coverage@{k}"] = len(np.unique(column[column >= 0])) / max(num_items, 1)
-    smoothed = (counts + 1) / (counts.sum() + num_items)
+    smoothed = (counts + 1.0) / (counts.sum(dtype=np.float64) + num_items)
     metrics[f"novelty@{top_k}"] = float(-np.log(smoothed[listed]).mean()) if listed.size \
         else float("nan")
     metrics[f"popularity@{top_k}"] = float(counts[listed].mean()) if listed.size \
