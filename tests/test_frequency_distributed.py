@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +9,7 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from ports import free_port
 from twotower.frequency import StreamingFrequencyEstimator, gather_global_ids
 
 WORLD = 2
@@ -43,15 +43,10 @@ def _replica(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
 def test_replicas_equal_single_process_on_global_batches(tmp_path):
-    mp.spawn(_replica, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_replica, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
 
     single = _estimator()
     expected = {rank: [] for rank in range(WORLD)}

@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from ports import free_port
 from tiny_serving import make_artifacts, make_model
 from twotower.index import index_items
 from twotower.recommend import Recommender
@@ -300,16 +300,11 @@ def test_reload_can_be_disabled(recommender):
         assert client.post("/v1/admin/reload").status_code == 404
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
 def test_serve_binds_loopback_and_reloads_on_sighup(tmp_path):
     model, _, index = make_artifacts(tmp_path / "a")
-    port = _free_port()
+    port = free_port()
     code = f"from twotower.serve import serve; serve({str(model)!r}, {str(index)!r}, port={port})"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     server = subprocess.Popen([sys.executable, "-c", code], env=env)

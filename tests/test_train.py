@@ -32,13 +32,7 @@ TINY = SyntheticConfig(num_users=200, num_items=500, num_days=3, events_per_day=
                        num_channels=20, num_categories=4)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and idle OpenMP threads spin on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
