@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from twotower import loss
 from twotower.loss import in_batch_softmax_loss
 
 log, exp = math.log, math.exp
@@ -201,3 +202,69 @@ def test_a_second_backward_is_refused_not_wrong():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="one backward pass"):
         loss.backward()
+
+
+def _duplicated_batch(seed: int, batch: int = 24, distinct: int = 5):
+    """A batch whose candidates are a tower's output on repeated items: ``(weights, item
+    features of each distinct item, item of each example, queries, log_q per item)``."""
+    g = torch.Generator().manual_seed(seed)
+    weights = torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    features = torch.randn(distinct, 3, generator=g, dtype=torch.float64)
+    items = torch.randint(0, distinct, (batch,), generator=g)
+    query = torch.randn(batch, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    log_q = torch.rand(distinct, generator=g, dtype=torch.float64).log()
+    return weights, features, items, query, log_q
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("mask", [True, False])
+def test_counted_columns_equal_the_repeated_batch(seed, mask):
+    # Each distinct item once with its count: the loss, and the gradients of what made the
+    # embeddings, are those of the batch with every copy as its own column.
+    weights, features, items, query, log_q = _duplicated_batch(seed)
+    reward = torch.rand(len(items), dtype=torch.float64)
+    full = in_batch_softmax_loss(query, features[items] @ weights, items, log_q[items],
+                                 reward, 0.3, mask)
+    full_grads = torch.autograd.grad(full, (query, weights))
+    distinct, positives, counts = torch.unique(items, return_inverse=True, return_counts=True)
+    counted = in_batch_softmax_loss(query, features[distinct] @ weights, distinct,
+                                    log_q[distinct], reward, 0.3, mask, positives, counts)
+    assert counted.item() == pytest.approx(full.item(), rel=1e-12)
+    for a, b in zip(torch.autograd.grad(counted, (query, weights)), full_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_blocks_of_rows_equal_one_block(monkeypatch):
+    # Scores made block by block (here 3 rows of 7 columns at a time) equal the dense
+    # formula, with masked hits and counted columns falling in different blocks.
+    weights, features, items, query, log_q = _duplicated_batch(7, batch=40, distinct=7)
+    distinct, positives, counts = torch.unique(items, return_inverse=True, return_counts=True)
+    candidate = features[distinct] @ weights
+    expected = in_batch_softmax_loss(query, candidate, distinct, log_q[distinct], None, 0.2,
+                                     True, positives, counts)
+    expected_grads = torch.autograd.grad(expected, (query, weights))
+    monkeypatch.setattr(loss, "BLOCK_SCORES", 3 * len(distinct))
+    got = in_batch_softmax_loss(query, features[distinct] @ weights, distinct,
+                                log_q[distinct], None, 0.2, True, positives, counts)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-12)
+    for a, b in zip(torch.autograd.grad(got, (query, weights)), expected_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_reused_score_buffer_is_never_shared():
+    # Two losses alive at once (gradient accumulation) and one without gradients in
+    # between each get their own scores; the gradients equal those of separate passes.
+    g = torch.Generator().manual_seed(3)
+    queries = [torch.randn(16, 4, generator=g, requires_grad=True) for _ in range(2)]
+    candidate = torch.randn(16, 4, generator=g)
+    ids = torch.arange(16)
+    alone = []
+    for q in queries:
+        alone.append(torch.autograd.grad(in_batch_softmax_loss(q, candidate, ids), q)[0])
+    first = in_batch_softmax_loss(queries[0], candidate, ids)
+    second = in_batch_softmax_loss(queries[1], candidate, ids)
+    with torch.no_grad():
+        in_batch_softmax_loss(queries[0] * 3, candidate, ids)
+    got = torch.autograd.grad(first + second, queries)
+    for a, b in zip(got, alone, strict=True):
+        torch.testing.assert_close(a, b)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -25,6 +26,7 @@ from twotower.data.synthetic import EPOCH, SECONDS_PER_DAY, SyntheticConfig, gen
 from twotower.experiment import default_model_config, prepare
 from twotower.follow import train_day
 from twotower.frequency import StreamingFrequencyEstimator
+from twotower.loss import in_batch_softmax_loss
 from twotower.towers import TwoTowerModel
 from twotower.train import TrainConfig, Trainer, train
 
@@ -217,3 +219,27 @@ def test_optimizer_state_round_trips_exactly(checkpointed):
                 assert torch.equal(other, value) if torch.is_tensor(value) else other == value
     names = safetensors.torch.load_file(str(checkpoint_dirs(directory)[-1] / TRAINING))
     assert "rng.torch" in names
+
+
+def test_step_counts_repeated_items_once_with_the_gradients_of_every_copy(log):
+    # The trainer passes each distinct item of a batch once, with its count; the gradients
+    # must be those of the in-batch softmax over every example's own item column.
+    prepared, days = log
+    trainer = new_trainer(prepared)
+    data = prepared.training_data(days[0][:128])
+    rows = data.rows
+    assert len(np.unique(data.item_row[rows])) < len(rows)  # the batch repeats items
+    model = copy.deepcopy(trainer.model)
+    estimator = copy.deepcopy(trainer.estimator)
+    trainer.fit(data)
+    keys = data.item_key[rows]
+    log_q = torch.from_numpy(np.log(estimator.update_and_probability(keys)))
+    loss = in_batch_softmax_loss(
+        model.query(data.queries.take(rows, "cpu")),
+        model.item(data.items.take(data.item_row[rows], "cpu")), torch.from_numpy(keys),
+        log_q, torch.from_numpy(data.reward[rows]), model.config.temperature)
+    loss.backward()
+    for (name, expected), got in zip(model.named_parameters(), trainer.model.parameters(),
+                                     strict=True):
+        torch.testing.assert_close(got.grad.to_dense(), expected.grad.to_dense(),
+                                   rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")

@@ -329,15 +329,24 @@ class Trainer:
             log_q = torch.from_numpy(np.log(probability)).to(dev)
         elif config.correction == "oracle":
             log_q = torch.from_numpy(oracle[data.item_row[rows]]).to(dev)
-        query, item = self.towers(data.queries.take(local, dev),
-                                  data.items.take(data.item_row[local], dev))
-        items = gather_with_grad(item, len(rows), world)  # every worker's items as negatives
-        positives = torch.arange(first, first + len(local), device=dev) if world.size > 1 \
-            else None
+        if world.size == 1:  # each distinct item of the batch once, with its count
+            item_rows, once, positives, counts = np.unique(
+                data.item_row[rows], return_index=True, return_inverse=True, return_counts=True)
+            query, items = self.towers(data.queries.take(local, dev),
+                                       data.items.take(item_rows, dev))
+            keys, positives = keys[once], torch.from_numpy(positives).to(dev)
+            counts = torch.from_numpy(counts).to(dev)
+            log_q = None if log_q is None else log_q[torch.from_numpy(once).to(dev)]
+        else:
+            query, item = self.towers(data.queries.take(local, dev),
+                                      data.items.take(data.item_row[local], dev))
+            items = gather_with_grad(item, len(rows), world)  # every worker's items
+            positives = torch.arange(first, first + len(local), device=dev)
+            counts = None
         loss = in_batch_softmax_loss(query, items, torch.from_numpy(keys).to(dev), log_q,
                                      torch.from_numpy(data.reward[local]).to(dev),
                                      self.model.config.temperature,
-                                     config.remove_accidental_hits, positives)
+                                     config.remove_accidental_hits, positives, counts)
         share = loss * (len(local) / len(rows))
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
