@@ -56,3 +56,35 @@ def test_compare_needs_a_split(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     assert main(["compare", "--schema", str(tmp_path / "schema.yaml"), "--out",
                  str(tmp_path / "cmp")]) == 2
     assert "needs a split" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_compare_evaluates_at_the_chosen_ks(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture) -> None:
+    log = generate(SyntheticConfig(num_users=60, num_items=300, num_days=3,
+                                   events_per_day=400, num_channels=10, num_categories=3))
+    write(log, tmp_path)
+    (tmp_path / "schema.yaml").write_text(SCHEMA)
+    out = tmp_path / "cmp"
+    assert main(["compare", "--schema", str(tmp_path / "schema.yaml"), "--out", str(out),
+                 "--modes", "none", "streaming", "--ks", "5", "50", "20", "300",
+                 "--runs", "2", "--batch-size", "128", "--quiet"]) == 0
+    results = json.loads((out / "comparison.json").read_text())
+    for metrics in results.values():
+        assert "recall@10" not in metrics
+        assert 0 <= metrics["recall@5"] <= metrics["recall@20"] <= metrics["recall@50"] <= 1
+        assert metrics["ndcg@5"] <= metrics["recall@5"]
+        # The corpus holds 300 items, so every positive ranks within the first 300.
+        assert metrics["recall@300"] == 1.0 and metrics["recall@300/std"] == 0.0
+        assert all(metrics[f"recall@{k}/std"] >= 0 for k in (5, 20, 50))
+    header = capsys.readouterr().out.splitlines()[0].split()
+    assert header == ["run", "recall@5", "recall@20", "recall@50", "recall@300", "ndcg@5"]
+
+
+def test_compare_rejects_a_cut_off_below_one(tmp_path: Path,
+                                             capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "schema.yaml").write_text(SCHEMA)
+    (tmp_path / "events.parquet").write_bytes(b"")
+    assert main(["compare", "--schema", str(tmp_path / "schema.yaml"), "--out",
+                 str(tmp_path / "cmp"), "--ks", "0", "10"]) == 2
+    assert "ks must be" in capsys.readouterr().err

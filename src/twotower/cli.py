@@ -283,15 +283,15 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from twotower.compare import compare, format_comparison
+    from twotower.compare import compare, format_comparison, headline
     from twotower.data.schema import load_schema
     from twotower.train import TrainConfig
 
     train = TrainConfig(batch_size=args.batch_size, epochs=args.epochs, learning_rate=args.lr,
                         seed=args.seed)
     results = compare(load_schema(args.schema), args.out, args.modes, args.temperatures,
-                      args.runs, train, args.exclude_seen, not args.quiet)
-    print(format_comparison(results))
+                      args.runs, train, args.exclude_seen, not args.quiet, args.ks)
+    print(format_comparison(results, headline(args.ks)))
     print(f"report: {Path(args.out).resolve() / 'report' / 'report.html'}")
     return 0
 
@@ -353,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", nargs="+", choices=["none", "streaming", "oracle"],
                    default=["none", "streaming", "oracle"])
     p.add_argument("--temperatures", nargs="+", type=float, default=[0.05])
+    p.add_argument("--ks", nargs="+", type=int, default=[10, 50, 100], metavar="K",
+                   help="cut-offs to evaluate at (recall@K, ndcg@K, ...)")
     p.add_argument("--runs", type=int, default=1, help="seeds per run (mean and spread)")
     p.add_argument("--exclude-seen", action="store_true",
                    help="drop items the user interacted with before from each ranking")

@@ -22,9 +22,18 @@ from twotower.experiment import fit, memory_ids, prepare, schema_model_config, s
 from twotower.report import RunReport, write_report
 from twotower.train import TrainConfig
 
-__all__ = ["compare", "format_comparison"]
+__all__ = ["compare", "format_comparison", "headline"]
 
-HEADLINE: tuple[str, ...] = ("recall@10", "recall@50", "recall@100", "ndcg@10")
+KS: tuple[int, ...] = (10, 50, 100)
+
+
+def headline(ks: Sequence[int] = KS) -> tuple[str, ...]:
+    """The printed columns for cut-offs ``ks``: recall at each, NDCG at the smallest."""
+    ks = sorted(set(ks))
+    return (*(f"recall@{k}" for k in ks), f"ndcg@{ks[0]}")
+
+
+HEADLINE: tuple[str, ...] = headline(KS)
 
 
 def _with_temperature(schema: Schema, temperature: float) -> Schema:
@@ -35,14 +44,18 @@ def _with_temperature(schema: Schema, temperature: float) -> Schema:
 def compare(schema: Schema, out: str | Path, modes: Sequence[str] = ("none", "streaming"),
             temperatures: Sequence[float] = (0.05,), runs: int = 1,
             train: TrainConfig | None = None, exclude_seen: bool = False,
-            progress: bool = False) -> dict[str, dict[str, float]]:
+            progress: bool = False, ks: Sequence[int] = KS) -> dict[str, dict[str, float]]:
     """Train and evaluate every mode x temperature over ``runs`` seeds; returns, per run
-    name (``mode`` or ``mode@tau``), the mean of every metric and ``<metric>/std``."""
+    name (``mode`` or ``mode@tau``), the mean of every metric and ``<metric>/std``.
+
+    Metrics are computed at the cut-offs ``ks`` (``recall@K``, ``ndcg@K``, ...)."""
     if schema.split is None:
         raise ValueError("compare needs a split in the schema (split: {kind: time, ...} or "
                          "{kind: leave-last-out})")
     if runs < 1:
         raise ValueError(f"runs must be >= 1, got {runs}")
+    if not ks or min(ks) < 1:
+        raise ValueError(f"ks must be one or more positive cut-offs, got {list(ks)}")
     train = train or TrainConfig()
     out = Path(out)
     interactions = load(schema)
@@ -61,7 +74,7 @@ def compare(schema: Schema, out: str | Path, modes: Sequence[str] = ("none", "st
                 config = replace(train, correction=mode, seed=seed)
                 model_dir = out / "models" / f"{name}-seed{seed}"
                 model, _ = fit(prepared, split.train, config, model_dir, progress)
-                per_seed.append(score(model, prepared, split.train, split.test,
+                per_seed.append(score(model, prepared, split.train, split.test, ks,
                                       exclude_seen=exclude_seen))
                 if not history:
                     history = [json.loads(line) for line in
