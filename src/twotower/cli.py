@@ -258,6 +258,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from twotower.checkpoint import load_model
     from twotower.data.splits import split_log
     from twotower.experiment import prepare, score
+    from twotower.index_eval import format_side_by_side, index_score
 
     model, _, config = load_model(args.model)
     schema = _schema(args, config)
@@ -270,16 +271,39 @@ def _evaluate(args: argparse.Namespace) -> int:
     rows = split.part(args.on)
     if len(rows) == 0:
         raise ValueError(f"the {kind} split has no {args.on} events ({split.summary()})")
-    metrics = score(model, prepare(interactions, model.config), split.train, rows,
-                    exclude_seen=args.exclude_seen)
-    print(json.dumps(metrics, indent=2))
+    if args.index:  # checked before the exact ranking, so a wrong index fails at once
+        index, index_rows = _evaluation_index(args, model, interactions)
+    prepared = prepare(interactions, model.config)
+    metrics = score(model, prepared, split.train, rows, exclude_seen=args.exclude_seen)
     note = {"data": interactions.report, "split": split.summary(), "evaluated_on": args.on}
+    if args.index:
+        metrics["index"] = index_score(model, prepared, index, index_rows, split.train, rows,
+                                       exclude_seen=args.exclude_seen)
+        note["index"] = {"path": args.index, "factory": index.factory,
+                         "search_params": index.meta.get("search_params"),
+                         "recall@100 at build": index.recall}
+    print(json.dumps(metrics, indent=2))
     trained = config.get("split", {})
     if trained and (trained.get("kind"), trained.get("cutoff")) != (kind, split.info.get("cutoff")):
         note["warning"] = (f"the model was trained on the {trained.get('kind')} split "
                            f"({trained}); some {args.on} events may have been trained on")
     print(json.dumps(note), file=sys.stderr)
+    if args.index:
+        print(format_side_by_side(metrics, metrics["index"]), file=sys.stderr)
     return 0
+
+
+def _evaluation_index(args: argparse.Namespace, model, interactions) -> tuple:
+    """``(index, index row of each item)`` of ``--index``, checked against the model and the
+    evaluation's items before anything is ranked."""
+    from twotower.index import ItemIndex
+    from twotower.index_eval import aligned_index_rows, check_index
+
+    where = f"index {args.index}"
+    index = ItemIndex.load(args.index)
+    check_index(index, model, args.model, where)
+    keys = interactions.items.column(interactions.columns.key)
+    return index, aligned_index_rows(index, interactions.item_keys, where, keys)
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -293,6 +317,13 @@ def _compare(args: argparse.Namespace) -> int:
                       args.runs, train, args.exclude_seen, not args.quiet, args.ks)
     print(format_comparison(results, headline(args.ks)))
     print(f"report: {Path(args.out).resolve() / 'report' / 'report.html'}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from twotower.report import report_model_dirs
+
+    print(f"report: {report_model_dirs(args.models, args.out).resolve()}")
     return 0
 
 
@@ -423,7 +454,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which part of the split to evaluate on")
     p.add_argument("--exclude-seen", action="store_true",
                    help="drop items the user interacted with before from each ranking")
+    p.add_argument("--index", metavar="INDEX_DIR",
+                   help="also rank through this index (built by `twotower index` for this "
+                        "model and items table) and show exact and index metrics side by side")
     p.set_defaults(run=_evaluate)
+
+    p = commands.add_parser("report", help="an HTML report from model directories: held-out "
+                                           "recall day by day, loss, metrics")
+    p.add_argument("models", nargs="+", metavar="MODEL_DIR", help="model directories")
+    p.add_argument("--out", required=True, help="directory for report.html and its plots")
+    p.set_defaults(run=_report)
 
     add_commands(commands)
     return parser

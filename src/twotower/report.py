@@ -2,24 +2,31 @@
 
 Plots (matplotlib, also saved as PNG beside the HTML and embedded in it, so the file
 can be mailed on its own): recall@K per run, recall by item-popularity decile per run,
-estimated against true item frequency, and training loss and held-out recall over
-steps. A short summary says in words what changed between runs.
+estimated against true item frequency, training loss and held-out recall over steps,
+and, for runs continued day by day (``train --resume``, ``--follow``), held-out recall
+and training loss by day. A plot whose data no run has is left out, with a line saying
+why. A short summary says in words what changed between runs.
+
+:func:`report_model_dirs` builds the report from model directories alone (their
+metrics logs), for ``twotower report``.
 """
 
 from __future__ import annotations
 
 import base64
 import html
+import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from twotower.checkpoint import atomic_write
+from twotower.checkpoint import CONFIG, METRICS, atomic_write
 
-__all__ = ["RunReport", "summarize", "write_report"]
+__all__ = ["RunReport", "per_day", "report_model_dirs", "run_from_model_dir", "summarize",
+           "write_report"]
 
 
 @dataclass
@@ -35,6 +42,27 @@ class RunReport:
     metrics: dict[str, float]
     history: list[dict] = field(default_factory=list)
     frequency: tuple[np.ndarray, np.ndarray] | None = None
+
+
+def per_day(history: Sequence[dict]) -> list[dict]:
+    """The days a run was tested on before training on each, in order: each day's
+    held-out evaluation record (``input`` names the day), with ``training_loss``, the mean
+    loss of the steps then trained on that day, where logged.
+
+    A day tested twice (a run killed between testing and its checkpoint, then restarted)
+    keeps its last test; its loss is averaged over every pass logged for it.
+    """
+    days: dict[str, dict] = {}
+    trained: dict[str, tuple[float, int]] = {}
+    for record in history:
+        name = record.get("input")
+        if record.get("event") == "eval" and "held_out" in record:
+            days[name] = dict(record)
+        elif record.get("event") == "input" and name in days and record.get("steps"):
+            total, steps = trained.get(name, (0.0, 0))
+            trained[name] = (total + record["loss"] * record["steps"], steps + record["steps"])
+            days[name]["training_loss"] = trained[name][0] / trained[name][1]
+    return list(days.values())
 
 
 def _ks(metrics: dict[str, float]) -> list[int]:
@@ -117,7 +145,7 @@ def _plot_frequency(runs: Sequence[RunReport], ax) -> None:
 def _plot_training(runs: Sequence[RunReport], axes) -> None:
     loss_ax, recall_ax = axes
     for run in runs:
-        steps = [r for r in run.history if "loss" in r and r.get("event") is None]
+        steps = [r for r in run.history if _is_step(r)]
         loss_ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], label=run.name)
         evals = [r for r in run.history if r.get("event") == "eval" and "step" in r]
         if evals:
@@ -137,6 +165,67 @@ def _plot_training(runs: Sequence[RunReport], axes) -> None:
                        va="center", transform=recall_ax.transAxes)
 
 
+def _plot_days(runs: Sequence[RunReport], axes) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    recall_ax, loss_ax = axes
+    names = list(dict.fromkeys(d["input"] for run in runs for d in per_day(run.history)))
+    for run in runs:
+        days = per_day(run.history)
+        x = [names.index(d["input"]) + 1 for d in days]  # runs on the same days line up
+        for k in _ks(days[-1]):
+            recall_ax.plot(x, [d.get(f"recall@{k}", math.nan) for d in days], marker="o",
+                           label=f"{run.name} recall@{k}")
+        losses = [(xx, d["training_loss"]) for xx, d in zip(x, days, strict=True)
+                  if "training_loss" in d]
+        if losses:
+            loss_ax.plot(*zip(*losses, strict=True), marker="o", label=run.name)
+    for ax in axes:
+        ax.set_xlabel("day, in training order (named in the table below)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    recall_ax.set_ylabel("recall")
+    recall_ax.set_title("Held-out recall by day (tested before training on it)")
+    recall_ax.legend()
+    loss_ax.set_ylabel("training loss")
+    loss_ax.set_title("Training loss by day (mean over its steps)")
+    if loss_ax.has_data():
+        loss_ax.legend()
+    else:
+        loss_ax.text(0.5, 0.5, "no per-day training loss in the log", ha="center",
+                     va="center", transform=loss_ax.transAxes)
+
+
+def _is_step(record: dict) -> bool:
+    return "loss" in record and record.get("event") is None
+
+
+@dataclass(frozen=True)
+class _Panel:
+    """One figure: drawn from the runs that have its data, else left out, ``needs``
+    saying what was missing."""
+
+    name: str
+    draw: Callable[[Sequence[RunReport], object], None]
+    columns: int
+    has: Callable[[RunReport], bool]
+    needs: str
+
+
+PANELS: tuple[_Panel, ...] = (
+    _Panel("recall", _plot_recall, 1, lambda r: bool(_ks(r.metrics)), "full-corpus metrics"),
+    _Panel("deciles", _plot_deciles, 1, lambda r: any("/decile" in k for k in r.metrics),
+           "recall by item-popularity decile"),
+    _Panel("frequency", _plot_frequency, 1, lambda r: r.frequency is not None,
+           "true item frequencies to set the estimates against (they are counted from the "
+           "training log, which a model directory does not keep)"),
+    _Panel("training", _plot_training, 2, lambda r: any(map(_is_step, r.history)),
+           "a training loss log"),
+    _Panel("days", _plot_days, 2, lambda r: bool(per_day(r.history)),
+           "held-out evaluations by day (`twotower train --resume` and `--follow` test each "
+           "day before training on it)"),
+)
+
+
 def _save(fig, path: Path) -> bytes:
     atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110, bbox_inches="tight"))
     return path.read_bytes()
@@ -152,9 +241,30 @@ def _table(runs: Sequence[RunReport]) -> str:
             value = run.metrics.get(c, math.nan)
             low, high = run.metrics.get(f"{c}/ci_low"), run.metrics.get(f"{c}/ci_high")
             interval = f"<br><small>[{low:.4f}, {high:.4f}]</small>" if low is not None else ""
-            cells.append(f"<td>{value:.4g}{interval}</td>")
+            shown = f"{value:,.0f}" if c == "queries" else f"{value:.4g}"
+            cells.append(f"<td>{shown}{interval}</td>")
         rows.append(f"<tr><td>{html.escape(run.name)}</td>{''.join(cells)}</tr>")
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+
+
+def _day_tables(runs: Sequence[RunReport]) -> str:
+    """Per run with held-out days, one row per day: the figures the by-day plot draws."""
+    parts = []
+    for run in runs:
+        days = per_day(run.history)
+        if not days:
+            continue
+        columns = [*(f"{m}@{k}" for m in ("recall", "ndcg") for k in _ks(days[-1])),
+                   "training_loss"]
+        head = "".join(f"<th>{c.replace('_', ' ')}</th>"
+                       for c in ["day", "input", "step", "queries", *columns])
+        rows = "".join(
+            f"<tr><td>{i}</td><td>{html.escape(str(d['input']))}</td><td>{d.get('step', '')}"
+            f"</td><td>{int(d.get('queries', 0)):,}</td>"
+            + "".join(f"<td>{d.get(c, math.nan):.4g}</td>" for c in columns) + "</tr>"
+            for i, d in enumerate(days, 1))
+        parts.append(f"<h3>{html.escape(run.name)}</h3><table><tr>{head}</tr>{rows}</table>")
+    return "".join(parts)
 
 
 def write_report(directory: str | Path, runs: Sequence[RunReport], title: str,
@@ -167,27 +277,91 @@ def write_report(directory: str | Path, runs: Sequence[RunReport], title: str,
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    figures = {}
-    for name, draw, shape in (("recall", _plot_recall, (1, 1)),
-                              ("deciles", _plot_deciles, (1, 1)),
-                              ("frequency", _plot_frequency, (1, 1)),
-                              ("training", _plot_training, (1, 2))):
-        fig, ax = plt.subplots(*shape, figsize=(6.4 * shape[1], 4.2))
-        draw(runs, ax)
-        figures[name] = _save(fig, directory / f"{name}.png")
+    figures, left_out = {}, []
+    for panel in PANELS:
+        having = [run for run in runs if panel.has(run)]
+        if not having:
+            left_out.append(f"No {panel.name} plot: no run has {panel.needs}.")
+            continue
+        fig, ax = plt.subplots(1, panel.columns, figsize=(6.4 * panel.columns, 4.2))
+        panel.draw(having, ax)
+        figures[panel.name] = _save(fig, directory / f"{panel.name}.png")
         plt.close(fig)
     images = "".join(
         f'<figure><img alt="{name}" src="data:image/png;base64,'
         f'{base64.b64encode(data).decode()}"></figure>' for name, data in figures.items())
-    summary = "".join(f"<li>{html.escape(line)}</li>" for line in [*notes, *summarize(runs)])
+    scored = [run for run in runs if _ks(run.metrics)]
+    summary = "".join(f"<li>{html.escape(line)}</li>" for line in [*notes, *summarize(scored)])
+    metrics = _table(scored) if scored else "<p>No run has full-corpus metrics.</p>"
+    days = _day_tables(runs)
+    missing = "".join(f"<li>{html.escape(line)}</li>" for line in left_out)
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}
 table{{border-collapse:collapse;font-size:0.85em}}td,th{{border:1px solid #ccc;padding:4px}}
 figure{{display:inline-block;margin:0.5em}}img{{max-width:100%}}</style></head>
 <body><h1>{html.escape(title)}</h1><h2>What changed</h2><ul>{summary}</ul>
-<h2>Metrics</h2>{_table(runs)}<h2>Plots</h2>{images}</body></html>
+<h2>Metrics</h2>{metrics}<h2>Plots</h2>{images}
+{f"<h2>Day by day (held out)</h2>{days}" if days else ""}
+{f"<h2>Left out</h2><ul>{missing}</ul>" if missing else ""}</body></html>
 """
     out = directory / "report.html"
     atomic_write(out, lambda p: p.write_text(page))
     return out
+
+
+def _read_log(path: Path) -> list[dict]:
+    """The records of a metrics log (JSON lines), with an error naming a bad line."""
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}, line {number}: not a JSON record ({error})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}, line {number}: a record must be a JSON object")
+        records.append(record)
+    return records
+
+
+def run_from_model_dir(directory: str | Path, name: str | None = None,
+                       ) -> tuple[RunReport, list[str]]:
+    """A model directory's part of a report, read from its metrics log, and lines saying
+    where its metrics come from: its last evaluation record (for a run continued day by
+    day, the last day's, held out), as nothing else in a model directory scores it."""
+    directory = Path(directory)
+    if not (directory / CONFIG).exists():
+        raise FileNotFoundError(f"{directory} is not a model directory (no {CONFIG})")
+    if not (directory / METRICS).exists():
+        raise FileNotFoundError(f"{directory} has no metrics log ({METRICS}); `twotower "
+                                "train` writes one into every model directory")
+    history = _read_log(directory / METRICS)
+    name = name or directory.name
+    evals = [r for r in history if r.get("event") == "eval"]
+    if not evals:
+        return RunReport(name, {}, history), [
+            f"{name}: no evaluation record in its {METRICS}, so no metrics or recall plots "
+            "(`twotower train --resume` and `--follow` test each day before training on it)."]
+    last = evals[-1]
+    metrics = {k: float(v) for k, v in last.items() if k != "step"
+               and isinstance(v, int | float) and not isinstance(v, bool)}
+    what = f"held out: {last['input']}" if "held_out" in last else "its last evaluation"
+    lines = [f"{name}: metrics at step {last.get('step', '?')} ({what}); "
+             f"{len(per_day(history))} held-out day(s) in its {METRICS}."]
+    return RunReport(name, metrics, history), lines
+
+
+def report_model_dirs(directories: Sequence[str | Path], out: str | Path) -> Path:
+    """``twotower report``: one report over model directories (named by their folder
+    names, or as given where those repeat); returns the HTML's path."""
+    names = [Path(d).name for d in directories]
+    if len(set(names)) < len(names):
+        names = [str(d) for d in directories]
+    runs, notes = [], []
+    for directory, name in zip(directories, names, strict=True):
+        run, lines = run_from_model_dir(directory, name)
+        runs.append(run)
+        notes.extend(lines)
+    return write_report(out, runs, f"twotower report: {', '.join(names)}", notes)

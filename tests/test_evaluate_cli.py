@@ -1,0 +1,100 @@
+"""``twotower evaluate --index``: the same test queries ranked exactly and by the index."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tiny_serving import make_model
+from twotower.cli import main
+from twotower.data.synthetic import EPOCH, SECONDS_PER_DAY, SyntheticConfig, generate, write
+from twotower.index import index_items
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CUTOFF = str(EPOCH + SECONDS_PER_DAY)  # test on the second day
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """``(model_dir, events, items)``: a two-day synthetic log and a small random model."""
+    root = tmp_path_factory.mktemp("evaluate")
+    paths = write(generate(SyntheticConfig(num_users=80, num_items=400, num_days=2,
+                                           events_per_day=400)), root / "data")
+    return make_model(root / "model"), paths["events"], paths["items"]
+
+
+def evaluate(setup: tuple[Path, Path, Path], index: Path, *flags: str) -> int:
+    model, events, items = setup
+    return main(["evaluate", str(model), "--events", str(events), "--items", str(items),
+                 "--cutoff", CUTOFF, "--index", str(index), *flags])
+
+
+@pytest.mark.parametrize("flags", [[], ["--exclude-seen"]])
+def test_exact_index_gives_the_exact_metrics_and_both_are_printed(setup, tmp_path, capsys,
+                                                                  flags):
+    model, _, items = setup
+    assert main(["index", str(model), "--items", str(items), "--out", str(tmp_path / "ix"),
+                 "--factory", "Flat"]) == 0
+    capsys.readouterr()
+    assert evaluate(setup, tmp_path / "ix", *flags) == 0
+    out = capsys.readouterr()
+    metrics = json.loads(out.out)
+    through_index = metrics.pop("index")
+    assert metrics["queries"] == 400 and 0 < metrics["recall@100"] < 1
+    assert through_index == pytest.approx(metrics, nan_ok=True)
+    row = next(line for line in out.err.splitlines() if line.startswith("recall@100 "))
+    assert row.split() == ["recall@100", f"{metrics['recall@100']:.4f}",
+                           f"{through_index['recall@100']:.4f}", "+0.0%"]
+
+
+def test_index_in_another_item_order_is_matched_by_key(setup, tmp_path, capsys):
+    model, _, items = setup
+    table = pq.read_table(items)
+    pq.write_table(table.take(list(range(table.num_rows))[::-1]), tmp_path / "reversed.parquet")
+    index_items(model, tmp_path / "reversed.parquet", "Flat").save(tmp_path / "ix")
+    assert evaluate(setup, tmp_path / "ix", "--exclude-seen") == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics.pop("index") == pytest.approx(metrics, nan_ok=True)
+
+
+def test_index_of_other_items_is_an_error_naming_the_difference(setup, tmp_path, capsys):
+    model, _, items = setup
+    table = pq.read_table(items)
+    key = table.schema.get_field_index("item_id")
+    extra = table.slice(0, 3).set_column(key, "item_id", pa.array([10**6, 10**6 + 1, 10**6 + 2]))
+    pq.write_table(pa.concat_tables([table.slice(10), extra]), tmp_path / "other.parquet")
+    index_items(model, tmp_path / "other.parquet", "Flat").save(tmp_path / "ix")
+    assert evaluate(setup, tmp_path / "ix") == 2
+    err = capsys.readouterr().err
+    assert f"index {tmp_path / 'ix'} holds 393 items and the items table 400" in err
+    missing = table.column("item_id").to_pylist()[:5]
+    assert f"10 of the table's items are not in the index (for example {missing})" in err
+    assert "3 of the index's items are not in the table (for example [1000000, 1000001, " \
+           "1000002])" in err
+
+
+def test_index_of_another_model_is_an_error(setup, tmp_path, capsys):
+    _, _, items = setup
+    other = make_model(tmp_path / "other", seed=1)
+    index_items(other, items, "Flat").save(tmp_path / "ix")
+    assert evaluate(setup, tmp_path / "ix") == 2
+    assert "was built from another model" in capsys.readouterr().err
+
+
+def test_an_approximate_index_shows_its_loss(setup, tmp_path, capsys):
+    model, _, items = setup
+    assert main(["index", str(model), "--items", str(items), "--out", str(tmp_path / "ix"),
+                 "--factory", "IVF16,Flat", "--nprobe", "1"]) == 0
+    capsys.readouterr()
+    assert evaluate(setup, tmp_path / "ix") == 0
+    out = capsys.readouterr()
+    metrics = json.loads(out.out)
+    exact, approximate = metrics["recall@100"], metrics["index"]["recall@100"]
+    assert approximate < exact
+    row = next(line for line in out.err.splitlines() if line.startswith("recall@100 "))
+    assert row.split()[-1] == f"{(approximate / exact - 1) * 100:+.1f}%"
