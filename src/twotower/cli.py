@@ -152,21 +152,27 @@ def _train_new(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    import torch.distributed
+
     from twotower.distributed import init_from_env, launch
     from twotower.train import TrainingStopped
 
     if args.nproc > 1 and "RANK" not in os.environ:  # start the workers, each runs this
         return launch(args.argv, args.nproc)
-    init_from_env(args.device)
+    world = init_from_env(args.device)
     if not (args.out or args.resume):
         raise ValueError("say where to write the model: --out MODEL_DIR")
     try:
         if args.follow:
-            return _follow(args)
-        return _resume(args) if args.resume else _train_new(args)
+            status = _follow(args)
+        else:
+            status = _resume(args) if args.resume else _train_new(args)
     except TrainingStopped as stopped:
         print(f"twotower train: {stopped}", file=sys.stderr)
-        return 130
+        status = 130
+    if world.size > 1:  # every worker got here after the same last step
+        torch.distributed.destroy_process_group()
+    return status
 
 
 def _train_rows(args: argparse.Namespace, schema, interactions):

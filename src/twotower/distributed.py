@@ -25,7 +25,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
 __all__ = ["World", "all_gather_rows", "broadcast_tables", "gather_with_grad", "init_from_env",
@@ -107,8 +106,27 @@ def gather_with_grad(local: torch.Tensor, batch_size: int, world: World) -> torc
         return local
     sizes = _sizes(batch_size, world)
     padded = torch.cat([local, local.new_zeros(max(sizes) - len(local), *local.shape[1:])])
-    parts = dist_fn.all_gather(padded)
+    parts = _AllGather.apply(padded).unflatten(0, (world.size, max(sizes)))
     return torch.cat([part[:n] for part, n in zip(parts, sizes, strict=True)])
+
+
+class _AllGather(torch.autograd.Function):
+    """Every worker's equally long ``local`` stacked in rank order; the gradient of a
+    worker's rows is the sum over all workers of the gradients they got."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, local.contiguous())
+        ctx.rows = len(local)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        start = dist.get_rank() * ctx.rows
+        return grad[start:start + ctx.rows]
 
 
 def all_gather_rows(local: torch.Tensor) -> torch.Tensor:
@@ -142,7 +160,8 @@ def sync_table_grads(tables: Sequence[nn.Module], world: World) -> None:
         grad = grad.coalesce()
         rows = all_gather_rows(grad.indices()[0])
         values = all_gather_rows(grad.values()) / world.size
-        table.weight.grad = torch.sparse_coo_tensor(rows[None], values, grad.shape).coalesce()
+        table.weight.grad = torch.sparse_coo_tensor(
+            rows[None], values, grad.shape, check_invariants=False).coalesce()  # valid rows
 
 
 def broadcast_tables(tables: Sequence[nn.Module], world: World) -> None:
