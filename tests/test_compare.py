@@ -24,12 +24,17 @@ split: {kind: time, test_fraction: 0.2}
 """
 
 
+def write_log(directory: Path, num_users: int, events_per_day: int) -> None:
+    """A small synthetic log of 300 items over 3 days and its schema, into ``directory``."""
+    write(generate(SyntheticConfig(num_users=num_users, num_items=300, num_days=3,
+                                   events_per_day=events_per_day, num_channels=10,
+                                   num_categories=3)), directory)
+    (directory / "schema.yaml").write_text(SCHEMA)
+
+
 def test_compare_gives_mean_and_spread_per_mode_and_temperature(
         tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    log = generate(SyntheticConfig(num_users=100, num_items=300, num_days=3,
-                                   events_per_day=800, num_channels=10, num_categories=3))
-    write(log, tmp_path)
-    (tmp_path / "schema.yaml").write_text(SCHEMA)
+    write_log(tmp_path, num_users=100, events_per_day=800)
     out = tmp_path / "cmp"
     assert main(["compare", "--schema", str(tmp_path / "schema.yaml"), "--out", str(out),
                  "--modes", "none", "streaming", "--temperatures", "0.05", "0.1",
@@ -61,10 +66,7 @@ def test_compare_needs_a_split(tmp_path: Path, capsys: pytest.CaptureFixture) ->
 @pytest.mark.usefixtures("one_thread")
 def test_compare_evaluates_at_the_chosen_ks(tmp_path: Path,
                                             capsys: pytest.CaptureFixture) -> None:
-    log = generate(SyntheticConfig(num_users=60, num_items=300, num_days=3,
-                                   events_per_day=400, num_channels=10, num_categories=3))
-    write(log, tmp_path)
-    (tmp_path / "schema.yaml").write_text(SCHEMA)
+    write_log(tmp_path, num_users=60, events_per_day=400)
     out = tmp_path / "cmp"
     assert main(["compare", "--schema", str(tmp_path / "schema.yaml"), "--out", str(out),
                  "--modes", "none", "streaming", "--ks", "5", "50", "20", "300",

@@ -158,11 +158,7 @@ def _plot_training(runs: Sequence[RunReport], axes) -> None:
     loss_ax.legend()
     recall_ax.set_xlabel("step")
     recall_ax.set_title("Held-out recall over training")
-    if recall_ax.has_data():
-        recall_ax.legend()
-    else:
-        recall_ax.text(0.5, 0.5, "no held-out evaluations during training", ha="center",
-                       va="center", transform=recall_ax.transAxes)
+    _legend_or_note(recall_ax, "no held-out evaluations during training")
 
 
 def _plot_days(runs: Sequence[RunReport], axes) -> None:
@@ -188,11 +184,15 @@ def _plot_days(runs: Sequence[RunReport], axes) -> None:
     recall_ax.legend()
     loss_ax.set_ylabel("training loss")
     loss_ax.set_title("Training loss by day (mean over its steps)")
-    if loss_ax.has_data():
-        loss_ax.legend()
+    _legend_or_note(loss_ax, "no per-day training loss in the log")
+
+
+def _legend_or_note(ax, note: str) -> None:
+    """A legend for what was drawn, or ``note`` saying why nothing was."""
+    if ax.has_data():
+        ax.legend()
     else:
-        loss_ax.text(0.5, 0.5, "no per-day training loss in the log", ha="center",
-                     va="center", transform=loss_ax.transAxes)
+        ax.text(0.5, 0.5, note, ha="center", va="center", transform=ax.transAxes)
 
 
 def _is_step(record: dict) -> bool:
