@@ -7,7 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from twotower import evaluate
 from twotower.evaluate import (
     GROUPS,
     Rankings,
@@ -172,7 +175,7 @@ def test_coverage_known_example():
 
 
 def test_many_chunks_match_brute_force():
-    # Enough items that queries are scored in more than one chunk (chunk = 2**25 // items).
+    # Default block sizes: several query blocks and item blocks, the last one partial.
     rng = np.random.default_rng(7)
     num_items, num_queries, dim = 20_000, 1_700, 4
     items = exact_embeddings(rng, num_items, dim)
@@ -247,3 +250,129 @@ def test_bootstrap_interval_brackets_the_mean():
                             bootstrap=200)
     assert got["recall@10/ci_low"] < got["recall@10"] < got["recall@10/ci_high"]
     assert got["recall@10/ci_high"] - got["recall@10/ci_low"] < 0.15
+
+
+# exact_rankings against a full sort, over shapes that cross every block boundary.
+
+def brute_force_rankings(query, items, positives, exclude_lists):
+    """``(scores, ranks)``: float64 scores with excluded items at -inf (never the
+    positive), and per query the number of other items scoring at least the positive."""
+    scores = query.astype(np.float64) @ items.astype(np.float64).T
+    for q, excluded in enumerate(exclude_lists):
+        for j in excluded:
+            if j != positives[q]:
+                scores[q, j] = -np.inf
+    positive = scores[np.arange(len(query)), positives]
+    return scores, (scores >= positive[:, None]).sum(1) - 1
+
+
+def assert_exact(got: Rankings, query, items, positives, top_k, exclude_lists) -> None:
+    """Ranks equal the brute force's; each top list is the best ``top_k`` by a full sort,
+    best first, up to ties (which tied items fill the last places is arbitrary), and ends
+    in -1 where fewer items than ``top_k`` are left after exclusions."""
+    scores, ranks = brute_force_rankings(query, items, positives, exclude_lists)
+    np.testing.assert_array_equal(got.ranks, ranks)
+    width = min(top_k, len(items))
+    assert got.top.shape == (len(query), width)
+    for q in range(len(query)):
+        allowed = np.sort(scores[q][scores[q] > -np.inf])[::-1][:width]
+        listed = got.top[q, :len(allowed)]
+        assert (got.top[q, len(allowed):] == -1).all(), q
+        assert len(set(listed.tolist())) == len(listed) and (listed >= 0).all(), q
+        np.testing.assert_array_equal(scores[q, listed], allowed)
+
+
+def tie_heavy_embeddings(rng: np.random.Generator, n: int, dim: int, levels: int) -> np.ndarray:
+    """Values in {-1, ..., 1} in steps of ``1 / levels``: inner products exact in float32,
+    and with few levels many items tie."""
+    return (rng.integers(-levels, levels + 1, size=(n, dim)) / levels).astype(np.float32)
+
+
+def run_exact(query, items, positives, top_k, exclude_lists, query_block=512,
+              item_block=2048, workers=None, max_listed=1 << 22) -> Rankings:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(evaluate, "_QUERY_BLOCK", query_block)
+        patch.setattr(evaluate, "_ITEM_BLOCK", item_block)
+        patch.setattr(evaluate, "_WORKERS", workers)
+        patch.setattr(evaluate, "_MAX_LISTED", max_listed)
+        return exact_rankings(torch.from_numpy(query), torch.from_numpy(items), positives,
+                              top_k, Bag.from_lists(exclude_lists))
+
+
+@settings(max_examples=150, deadline=None)
+@given(num_items=st.integers(1, 300), num_queries=st.integers(1, 40),
+       dim=st.integers(1, 6), levels=st.sampled_from([1, 2, 64]),
+       top_k=st.integers(0, 320), max_excluded=st.integers(0, 300),
+       query_block=st.sampled_from([1, 3, 64, 256]), item_block=st.sampled_from([64, 128]),
+       workers=st.sampled_from([1, 2, 3]), max_listed=st.sampled_from([1 << 22, 100]),
+       seed=st.integers(0, 2**32 - 1))
+def test_exact_rankings_match_a_full_sort(num_items, num_queries, dim, levels, top_k,
+                                          max_excluded, query_block, item_block, workers,
+                                          max_listed, seed):
+    rng = np.random.default_rng(seed)
+    items = tie_heavy_embeddings(rng, num_items, dim, levels)
+    query = tie_heavy_embeddings(rng, num_queries, dim, levels)
+    positives = rng.integers(0, num_items, num_queries)
+    # Exclusion lists with repeats, the query's own positive (kept) and other queries'
+    # positives; long enough, at times, to leave fewer than top_k items.
+    exclude_lists = [rng.integers(0, num_items, int(rng.integers(0, max_excluded + 1))).tolist()
+                     + rng.choice(positives, int(rng.integers(0, 3))).tolist()
+                     for _ in range(num_queries)]
+    got = run_exact(query, items, positives, top_k, exclude_lists, query_block, item_block,
+                    workers, max_listed)
+    assert_exact(got, query, items, positives, top_k, exclude_lists)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize(("num_items", "top_k"), [
+    (1, 10),  # a single item: every list is just it
+    (5, 10),  # top_k larger than the corpus
+    (63, 62), (64, 64), (65, 64), (129, 100),  # around the group and block sizes
+    (300, 0),  # ranks only
+])
+def test_exact_rankings_edge_shapes(num_items, top_k, workers):
+    rng = np.random.default_rng(num_items)
+    items = tie_heavy_embeddings(rng, num_items, 3, 2)
+    query = tie_heavy_embeddings(rng, 9, 3, 2)
+    positives = rng.integers(0, num_items, 9)
+    exclude_lists = [[] for _ in range(9)]
+    exclude_lists[0] = list(range(num_items))  # everything but the positive: a short list
+    exclude_lists[1] = [int(positives[2])] * 3  # another query's positive
+    got = run_exact(query, items, positives, top_k, exclude_lists, query_block=4,
+                    item_block=64, workers=workers)
+    assert_exact(got, query, items, positives, top_k, exclude_lists)
+    if top_k:
+        assert got.top[0].tolist() == [positives[0]] + [-1] * (got.top.shape[1] - 1)
+    assert got.ranks[0] == 0
+
+
+@pytest.mark.parametrize("item_block", [64, 2048])
+def test_copies_of_the_positive_tie_in_every_block(item_block):
+    # Scores of random floats are rounded, and a product's rounding can depend on its
+    # shape; copies of the positive spread over every item block, the padded last one
+    # included, must still score exactly as the positive does, so each costs a place.
+    rng = np.random.default_rng(11)
+    num_items, num_queries, dim, copies = 1000, 37, 24, 6
+    items = rng.standard_normal((num_items, dim)).astype(np.float32)
+    query = rng.standard_normal((num_queries, dim)).astype(np.float32)
+    positives = np.full(num_queries, 7)
+    spots = np.linspace(0, num_items - 1, copies + 1).astype(np.int64)[1:]
+    items[spots] = items[7]
+    scores = query.astype(np.float64) @ items.astype(np.float64).T
+    others = np.setdiff1d(np.arange(num_items), np.append(spots, 7))
+    gap = np.abs(scores[:, others] - scores[:, [7]])
+    assert gap.min() > 1e-4  # no near tie among distinct items: the float64 count is exact
+    got = run_exact(query, items, positives, 0, [[] for _ in range(num_queries)],
+                    query_block=16, item_block=item_block, workers=2)
+    expected = (scores[:, others] > scores[:, [7]]).sum(1) + copies
+    np.testing.assert_array_equal(got.ranks, expected)
+
+
+def test_exact_rankings_leave_torch_threads_and_grad_alone():
+    threads = torch.get_num_threads()
+    rng = np.random.default_rng(5)
+    items = torch.from_numpy(tie_heavy_embeddings(rng, 500, 4, 64)).requires_grad_()
+    query = torch.from_numpy(tie_heavy_embeddings(rng, 600, 4, 64))
+    got = exact_rankings(query, items, rng.integers(0, 500, 600), 10)
+    assert torch.get_num_threads() == threads
+    assert got.ranks.shape == (600,) and got.top.shape == (600, 10)

@@ -11,6 +11,7 @@ come from the same metric code and their difference is the index's loss.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,25 +83,169 @@ def _excluded_pairs(exclude: Bag, positives: np.ndarray, start: int,
     return rows[keep], cols[keep]
 
 
+# Exact rankings stream the items through one reused score buffer per thread, block by
+# block, so that every pass over the scores (products, rank count, top-k gate) reads a
+# buffer that is still in cache and nothing large is allocated per block.
+_QUERY_BLOCK = 512  # queries scored together
+_ITEM_BLOCK = 2048  # items per block: a [512, 2048] float32 buffer is 4 MiB
+_GROUP = 64  # items per group of the top-k gate; divides _ITEM_BLOCK
+_MAX_LISTED = 1 << 22  # top-list entries per query block: fewer queries when top_k is huge
+_WORKERS: int | None = None  # threads splitting the query blocks; None: torch's thread count
+
+
+class _RunningTop:
+    """The best ``k`` scores and items so far of each query of a block.
+
+    Scores only matter if they beat a query's current k-th best (``threshold``), so
+    per item block only groups of ``_GROUP`` items whose best score does are kept. They
+    wait in ``pending`` and are merged, element by element, once there are a quarter as
+    many groups as list entries: each merge re-sorts every list it touches, and the
+    k-th best rises slowly, so a stale threshold lets few more scores in.
+    """
+
+    def __init__(self, num_queries: int, k: int, dtype: torch.dtype):
+        self.k = k
+        self.values = torch.full((num_queries, k), -torch.inf, dtype=dtype)
+        self.items = torch.full((num_queries, k), -1, dtype=torch.int64)
+        self.threshold = torch.full((num_queries,), -torch.inf, dtype=dtype)
+        self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.capacity = num_queries * max(1, k // 4)  # pending groups that start a merge
+        self.started = False
+
+    def offer(self, groups: torch.Tensor, first_group: int) -> None:
+        """Keep the groups of ``groups`` (``[num_queries, n, _GROUP]`` scores of groups
+        ``first_group...``) whose best score beats the query's threshold."""
+        if not self.started:
+            self.started = True
+            if groups[0].numel() >= self.k:  # every score beats -inf: one topk is cheaper
+                best = groups.flatten(1).topk(self.k, dim=1)
+                self.values, self.items = best.values, best.indices + first_group * _GROUP
+                self.threshold = self.values[:, -1].clone()
+                return
+        per_row = groups.shape[1]
+        hit = (groups.amax(2) > self.threshold[:, None]).view(-1).nonzero().squeeze(1)
+        if len(hit):  # index_select copies whole groups: much faster than groups[rows, cols]
+            self.pending.append((hit // per_row, hit % per_row + first_group,
+                                 groups.reshape(-1, _GROUP).index_select(0, hit)))
+            if sum(len(r) for r, _, _ in self.pending) >= self.capacity:
+                self.merge()
+
+    def merge(self) -> None:
+        """Fold the pending scores above the thresholds into the top lists."""
+        if not self.pending:
+            return
+        rows, group_ids, scores = (torch.cat(parts) for parts in zip(*self.pending, strict=True))
+        self.pending = []
+        hit, col = (scores > self.threshold[rows, None]).nonzero(as_tuple=True)
+        if not len(hit):
+            return
+        rows, order = rows[hit].sort(stable=True)
+        values = scores[hit, col][order]
+        items = (group_ids[hit] * _GROUP + col)[order]
+        # A table with one row per touched query: its current list, then its candidates.
+        touched = torch.unique_consecutive(rows)
+        local = torch.searchsorted(touched, rows)
+        place = torch.arange(len(rows)) - torch.searchsorted(rows, rows)  # within its query
+        width = self.k + int(place.max()) + 1
+        table = torch.full((len(touched), width), -torch.inf, dtype=values.dtype)
+        table_items = torch.full((len(touched), width), -1, dtype=torch.int64)
+        table[:, :self.k], table_items[:, :self.k] = self.values[touched], self.items[touched]
+        table[local, self.k + place], table_items[local, self.k + place] = values, items
+        best = table.topk(self.k, dim=1)
+        self.values[touched] = best.values
+        self.items[touched] = table_items.gather(1, best.indices)
+        self.threshold[touched] = best.values[:, -1]
+
+
+def _rank_query_block(query: torch.Tensor, item_emb: torch.Tensor, tail: torch.Tensor,
+                      positive_emb: torch.Tensor, top_k: int,
+                      excluded: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Ranks and top lists of ``query`` (``[b, dim]``) over every item, one item block
+    at a time.
+
+    Every product has the same shape ``[b, block]`` (``tail``: the last, partial item
+    block padded with zeros; ``positive_emb``: the block of the queries' positives), so
+    a positive and any item with the same embedding get the same score, bit for bit,
+    and tie. Products of other shapes can round differently (BLAS kernels change with
+    the shape; on MKL a width that is not a multiple of 8 even rounds some columns of
+    one product differently), which would break ties at random.
+    """
+    num_items, block = len(item_emb), len(tail)
+    scores = torch.empty(len(query), block, dtype=query.dtype)
+    torch.mm(query, positive_emb.T, out=scores)
+    positive_score = scores.diagonal()[:, None].clone()
+    rows, cols = (torch.from_numpy(x) for x in excluded)  # sorted by column
+    bounds = np.searchsorted(excluded[1], np.arange(0, num_items + block, block))
+    at_least_positive = torch.zeros(len(query), dtype=torch.float64)
+    best = _RunningTop(len(query), top_k, query.dtype)
+    for n, start in enumerate(range(0, num_items, block)):
+        items = item_emb[start:start + block]
+        torch.mm(query, (items if len(items) == block else tail).T, out=scores)
+        scores[:, len(items):] = -torch.inf
+        if bounds[n] < bounds[n + 1]:
+            dropped = slice(bounds[n], bounds[n + 1])
+            scores[rows[dropped], cols[dropped] - start] = -torch.inf
+        if top_k:
+            best.offer(scores.view(len(query), -1, _GROUP), start // _GROUP)
+        at_least_positive += scores.ge_(positive_score).sum(1)  # scores: now 0/1
+    best.merge()
+    top = torch.where(best.values > -torch.inf, best.items, -1)  # short list: -1
+    return at_least_positive.long().numpy() - 1, top.numpy()
+
+
 @torch.no_grad()
 def exact_rankings(query_emb: torch.Tensor, item_emb: torch.Tensor, positives: np.ndarray,
                    top_k: int, exclude: Bag | None = None) -> Rankings:
-    """Brute-force ranks over every item, in query chunks that bound memory."""
+    """Brute-force ranks and top lists over every item, exactly.
+
+    A top list with fewer than ``top_k`` items left after exclusions ends in -1 (as
+    through an index), never in an excluded item.
+
+    Query blocks are split over torch's threads, each scoring with one thread: cheaper
+    than splitting every small product in two, and a core busy with something else slows
+    only its own blocks instead of stalling both at every product. Memory beyond the
+    inputs and outputs: per thread ``O(query_block * (item_block + 16 * top_k))`` floats,
+    a peak of about 25 MiB at the defaults and top_k = 100.
+    """
     num_queries, num_items = len(query_emb), len(item_emb)
     top_k = min(top_k, num_items)
-    chunk = max(1, min(4096, (1 << 25) // max(num_items, 1)))
+    positives = np.asarray(positives, dtype=np.int64)
+    query_emb, item_emb = query_emb.detach().contiguous(), item_emb.detach().contiguous()
+    workers = max(1, min(_WORKERS or torch.get_num_threads(), num_queries))
+    block = min(_ITEM_BLOCK, -(-max(num_items, 1) // _GROUP) * _GROUP)
+    # Query blocks no wider than an item block (the positives' block has a row per
+    # query), enough of them for every worker, and top lists of bounded size.
+    query_block = max(1, min(_QUERY_BLOCK, block, -(-num_queries // workers),
+                             _MAX_LISTED // max(top_k, 1)))
+    tail = item_emb.new_zeros(block, item_emb.shape[1])
+    tail[:num_items % block] = item_emb[num_items - num_items % block:]
     ranks = np.empty(num_queries, dtype=np.int64)
     top = np.empty((num_queries, top_k), dtype=np.int64)
-    positives_t = torch.from_numpy(np.asarray(positives, dtype=np.int64))
-    for start in range(0, num_queries, chunk):
-        stop = min(start + chunk, num_queries)
-        scores = query_emb[start:stop] @ item_emb.T
-        if exclude is not None:
-            rows, cols = _excluded_pairs(exclude, positives, start, stop)
-            scores[torch.from_numpy(rows), torch.from_numpy(cols)] = -torch.inf
-        positive_score = scores.gather(1, positives_t[start:stop, None])
-        ranks[start:stop] = ((scores >= positive_score).sum(1) - 1).numpy()
-        top[start:stop] = scores.topk(top_k, dim=1).indices.numpy()
+
+    def rank(start: int) -> None:
+        stop = min(start + query_block, num_queries)
+        positive_emb = item_emb.new_zeros(block, item_emb.shape[1])
+        positive_emb[:stop - start] = item_emb[torch.from_numpy(positives[start:stop])]
+        rows, cols = (_excluded_pairs(exclude, positives, start, stop) if exclude is not None
+                      else (np.zeros(0, np.int64), np.zeros(0, np.int64)))
+        order = np.argsort(cols, kind="stable")
+        with torch.no_grad():  # grad mode is per thread
+            ranks[start:stop], top[start:stop] = _rank_query_block(
+                query_emb[start:stop], item_emb, tail, positive_emb, top_k,
+                (rows[order], cols[order]))
+
+    starts = range(0, num_queries, query_block)
+    if workers == 1:
+        for start in starts:
+            rank(start)
+        return Rankings(ranks, top)
+    threads = torch.get_num_threads()
+    try:  # torch.set_num_threads(1) in a worker sets that thread's OpenMP/MKL count
+        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads,
+                                initargs=(1,)) as pool:
+            list(pool.map(rank, starts))
+    finally:
+        torch.set_num_threads(threads)  # and a process-wide default: put it back
     return Rankings(ranks, top)
 
 
