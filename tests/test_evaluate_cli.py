@@ -98,3 +98,23 @@ def test_an_approximate_index_shows_its_loss(setup, tmp_path, capsys):
     assert approximate < exact
     row = next(line for line in out.err.splitlines() if line.startswith("recall@100 "))
     assert row.split()[-1] == f"{(approximate / exact - 1) * 100:+.1f}%"
+
+
+def test_chosen_cut_offs_with_bootstrap_intervals(setup, capsys):
+    model, events, items = setup
+    assert main(["evaluate", str(model), "--events", str(events), "--items", str(items),
+                 "--cutoff", CUTOFF, "--ks", "5", "20", "--bootstrap", "200"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert "recall@10" not in metrics and "coverage@20" in metrics
+    for name in ("recall@5", "recall@20", "ndcg@5", "ndcg@20"):
+        assert metrics[f"{name}/ci_low"] <= metrics[name] <= metrics[f"{name}/ci_high"]
+        assert metrics[f"{name}/ci_low"] < metrics[f"{name}/ci_high"]
+
+
+@pytest.mark.parametrize("flags", [["--ks", "0"], ["--bootstrap", "-1"]])
+def test_bad_cut_off_or_resample_count_is_refused(setup, capsys, flags):
+    model, events, items = setup
+    with pytest.raises(SystemExit) as exit_:
+        main(["evaluate", str(model), "--events", str(events), "--items", str(items), *flags])
+    assert exit_.value.code == 2
+    assert "must be at least" in capsys.readouterr().err

@@ -280,11 +280,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.index:  # checked before the exact ranking, so a wrong index fails at once
         index, index_rows = _evaluation_index(args, model, interactions)
     prepared = prepare(interactions, model.config)
-    metrics = score(model, prepared, split.train, rows, exclude_seen=args.exclude_seen)
+    metrics = score(model, prepared, split.train, rows, args.ks, args.exclude_seen,
+                    args.bootstrap)
     note = {"data": interactions.report, "split": split.summary(), "evaluated_on": args.on}
     if args.index:
         metrics["index"] = index_score(model, prepared, index, index_rows, split.train, rows,
-                                       exclude_seen=args.exclude_seen)
+                                       args.ks, args.exclude_seen, args.bootstrap)
         note["index"] = {"path": args.index, "factory": index.factory,
                          "search_params": index.meta.get("search_params"),
                          "recall@100 at build": index.recall}
@@ -361,6 +362,16 @@ def _split_arguments(parser: argparse.ArgumentParser, none: bool) -> None:
     parser.add_argument("--cutoff", type=int, help="time split: test on events at or after this")
     parser.add_argument("--test-fraction", type=float,
                         help="time split: the cut-off that leaves this share of events to test")
+
+
+def _at_least(low: int):
+    """An argparse type: an integer no smaller than ``low``."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -460,6 +471,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which part of the split to evaluate on")
     p.add_argument("--exclude-seen", action="store_true",
                    help="drop items the user interacted with before from each ranking")
+    p.add_argument("--ks", nargs="+", type=_at_least(1), default=[10, 50, 100], metavar="K",
+                   help="cut-offs (recall@K, ndcg@K, coverage@K)")
+    p.add_argument("--bootstrap", type=_at_least(0), default=1000, metavar="N",
+                   help="query resamples for 95%% intervals of recall and NDCG (0: none)")
     p.add_argument("--index", metavar="INDEX_DIR",
                    help="also rank through this index (built by `twotower index` for this "
                         "model and items table) and show exact and index metrics side by side")

@@ -274,9 +274,13 @@ def index_rankings(index: object, query_emb: np.ndarray, positives: np.ndarray, 
 
 
 def _bootstrap(values: np.ndarray, draws: int, rng: np.random.Generator) -> tuple[float, float]:
-    """95% percentile interval of the mean of ``values`` over query resamples."""
-    counts = rng.multinomial(len(values), np.full(len(values), 1 / len(values)), size=draws)
-    means = counts @ values / len(values)
+    """95% percentile interval of the mean of ``values`` over query resamples (drawn a
+    few at a time: ``draws`` full resamples of every query at once would not fit)."""
+    n = len(values)
+    per_chunk = max(1, (1 << 22) // n)
+    means = np.concatenate([
+        values[rng.integers(0, n, size=(min(per_chunk, draws - done), n))].mean(axis=1)
+        for done in range(0, draws, per_chunk)])
     low, high = np.percentile(means, [2.5, 97.5])
     return float(low), float(high)
 

@@ -177,11 +177,12 @@ def fit_stream(data: StreamingTrainingData, config: TrainConfig, out_dir: str | 
 
 def score(model: TwoTowerModel, prepared: Prepared, train_rows: np.ndarray,
           test_rows: np.ndarray, ks: Sequence[int] = (10, 50, 100),
-          exclude_seen: bool = False) -> dict[str, float]:
+          exclude_seen: bool = False, bootstrap: int = 0) -> dict[str, float]:
     """Full-corpus metrics of ``model`` on the events ``test_rows``.
 
     Popularity groups come from ``train_rows``; with ``exclude_seen`` every item the
-    user interacted with before the event is removed from its ranking.
+    user interacted with before the event is removed from its ranking; ``bootstrap``
+    resamples of the queries give 95% intervals of recall and NDCG.
     """
     data = prepared.interactions
     query_emb = embed(model, prepared.queries, "query", test_rows)
@@ -189,4 +190,4 @@ def score(model: TwoTowerModel, prepared: Prepared, train_rows: np.ndarray,
     exclude = seen_before(data.user, data.timestamp, data.item_row, test_rows) \
         if exclude_seen else None
     return evaluate_retrieval(query_emb, item_emb, data.item_row[test_rows],
-                              data.item_counts(train_rows), ks, exclude)
+                              data.item_counts(train_rows), ks, exclude, bootstrap)

@@ -76,7 +76,7 @@ def check_index(index: ItemIndex, model: TwoTowerModel, model_dir: str | Path,
 def index_score(model: TwoTowerModel, prepared: Prepared, index: ItemIndex,
                 index_rows: np.ndarray, train_rows: np.ndarray, test_rows: np.ndarray,
                 ks: Sequence[int] = (10, 50, 100), exclude_seen: bool = False,
-                ) -> dict[str, float]:
+                bootstrap: int = 0) -> dict[str, float]:
     """The metrics of :func:`twotower.experiment.score`, with the index ranking the items.
 
     ``index_rows`` (from :func:`aligned_index_rows`) maps item rows to index rows;
@@ -95,7 +95,7 @@ def index_score(model: TwoTowerModel, prepared: Prepared, index: ItemIndex,
     item_of_row[index_rows] = np.arange(len(index_rows))
     top = np.where(found.top >= 0, item_of_row[np.maximum(found.top, 0)], -1)
     return retrieval_metrics(Rankings(found.ranks, top), positives,
-                             data.item_counts(train_rows), ks)
+                             data.item_counts(train_rows), ks, bootstrap)
 
 
 def format_side_by_side(exact: dict[str, float], approximate: dict[str, float]) -> str:
