@@ -9,6 +9,7 @@ import json
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from twotower.data.interactions import load_interactions
 from twotower.data.synthetic import SyntheticConfig, generate
@@ -46,6 +47,9 @@ def main() -> None:
                               "processes": world.size, "threads": torch.get_num_threads(),
                               "examples_per_second": steps * batch / summary["seconds"]}),
                   flush=True)
+    if world.size > 1:  # leave together: a worker exiting mid-teardown aborts the other
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -170,7 +170,8 @@ def _train(args: argparse.Namespace) -> int:
     except TrainingStopped as stopped:
         print(f"twotower train: {stopped}", file=sys.stderr)
         status = 130
-    if world.size > 1:  # every worker got here after the same last step
+    if world.size > 1:  # every worker got here after the same last step: leave together
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return status
 

@@ -329,20 +329,20 @@ class Trainer:
             log_q = torch.from_numpy(np.log(probability)).to(dev)
         elif config.correction == "oracle":
             log_q = torch.from_numpy(oracle[data.item_row[rows]]).to(dev)
-        if world.size == 1:  # each distinct item of the batch once, with its count
-            item_rows, once, positives, counts = np.unique(
-                data.item_row[rows], return_index=True, return_inverse=True, return_counts=True)
+        # Each distinct item of the global batch is one candidate column, with its count.
+        item_rows, once, columns, counts = np.unique(
+            data.item_row[rows], return_index=True, return_inverse=True, return_counts=True)
+        once_t = torch.from_numpy(once).to(dev)
+        if world.size == 1:  # the item tower sees each distinct item once
             query, items = self.towers(data.queries.take(local, dev),
                                        data.items.take(item_rows, dev))
-            keys, positives = keys[once], torch.from_numpy(positives).to(dev)
-            counts = torch.from_numpy(counts).to(dev)
-            log_q = None if log_q is None else log_q[torch.from_numpy(once).to(dev)]
-        else:
+        else:  # every worker's items, gathered with their gradients, first copies kept
             query, item = self.towers(data.queries.take(local, dev),
                                       data.items.take(data.item_row[local], dev))
-            items = gather_with_grad(item, len(rows), world)  # every worker's items
-            positives = torch.arange(first, first + len(local), device=dev)
-            counts = None
+            items = gather_with_grad(item, len(rows), world)[once_t]
+        keys, log_q = keys[once], None if log_q is None else log_q[once_t]
+        positives = torch.from_numpy(columns[first:first + len(local)]).to(dev)
+        counts = torch.from_numpy(counts).to(dev)
         loss = in_batch_softmax_loss(query, items, torch.from_numpy(keys).to(dev), log_q,
                                      torch.from_numpy(data.reward[local]).to(dev),
                                      self.model.config.temperature,
