@@ -24,6 +24,7 @@ import contextlib
 import io
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -71,7 +72,8 @@ def popularity(schema_path: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=Path("/tmp/twotower-bench-real"))
+    parser.add_argument("--out", type=Path,
+                        default=Path(tempfile.gettempdir()) / "twotower-bench-real")
     args = parser.parse_args()
     results = []
     for name, schema in RUNS.items():

@@ -22,6 +22,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -81,7 +82,8 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=200_000)
     parser.add_argument("--items", type=int, default=200_000)
     parser.add_argument("--batch-size", type=int, default=1024)
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/twotower-bench-streaming"))
+    parser.add_argument("--workdir", type=Path,
+                        default=Path(tempfile.gettempdir()) / "twotower-bench-streaming")
     args = parser.parse_args()
     logs = {}
     for events in (args.events, *args.small):

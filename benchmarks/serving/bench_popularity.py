@@ -6,8 +6,8 @@ Serves the held-out last day of a quickstart run through ``Recommender`` (the pa
 recommended slots that go to head / torso / tail items (by training popularity) and
 catalogue coverage. Run from the repository root after a quickstart:
 
-    PYTHONPATH=src python -m twotower quickstart --out /tmp/qs
-    PYTHONPATH=src python benchmarks/serving/bench_popularity.py /tmp/qs
+    PYTHONPATH=src python -m twotower quickstart --out qs
+    PYTHONPATH=src python benchmarks/serving/bench_popularity.py qs
 """
 
 from __future__ import annotations

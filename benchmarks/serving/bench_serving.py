@@ -35,6 +35,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -296,7 +297,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=1_000_000)
     parser.add_argument("--clusters", type=int, default=5000)
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/twotower-bench-serving"))
+    parser.add_argument("--workdir", type=Path,
+                        default=Path(tempfile.gettempdir()) / "twotower-bench-serving")
     parser.add_argument("--rebuild", action="store_true", help="rebuild the cached corpus")
     parser.add_argument("--rate", type=float, default=200.0)
     parser.add_argument("--duration", type=float, default=60.0)
