@@ -10,17 +10,13 @@ Reads the batches ``bench_throughput.py`` wrote; prints one JSON line per batch 
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+from peer_run import DIM, HIDDEN, LR, OUTPUT, TEMPERATURE, load, parse_args, report
 from torch_rechub.basic.features import SequenceFeature, SparseFeature
 from torch_rechub.models.matching import DSSM
-
-DIM, HIDDEN, OUTPUT, TEMPERATURE, LR = 32, 256, 64, 0.05, 0.005
 
 
 def model(sizes: dict) -> DSSM:
@@ -44,18 +40,10 @@ def loss_fn(net: DSSM, x: dict) -> torch.Tensor:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("data")
-    parser.add_argument("--batch", type=int, nargs="+", default=[1024, 4096])
-    parser.add_argument("--steps", type=int, nargs="+", default=[30, 10])
-    parser.add_argument("--warm-up", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1, help="per process")
-    args = parser.parse_args()
+    args = parse_args(__doc__)
     torch.set_num_threads(args.threads)
-    arrays = np.load(args.data)
-    sizes = {k[len("size_"):]: arrays[k] for k in arrays.files if k.startswith("size_")}
-    data = {k: torch.from_numpy(arrays[k]) for k in
-            ("user", "history", "item", "channel", "category", "log_q", "reward")}
+    sizes, columns = load(args.data)
+    data = {k: torch.from_numpy(v) for k, v in columns.items()}
     for batch, steps in zip(args.batch, args.steps, strict=True):
         torch.manual_seed(0)
         net = model(sizes)
@@ -71,9 +59,7 @@ def main() -> None:
             optimizer.step()
             loss.item()
         seconds = time.perf_counter() - started
-        print(json.dumps({"framework": "torch-rechub DSSM", "batch": batch, "steps": steps,
-                          "processes": 1, "threads": torch.get_num_threads(),
-                          "examples_per_second": steps * batch / seconds}), flush=True)
+        report("torch-rechub DSSM", batch, steps, torch.get_num_threads(), seconds)
 
 
 if __name__ == "__main__":

@@ -9,19 +9,15 @@ wrote; prints one JSON line per batch size.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import time
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # TFRS needs Keras 2 (tf-keras)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
-
-DIM, HIDDEN, OUTPUT, TEMPERATURE, LR = 32, 256, 64, 0.05, 0.005
+from peer_run import DIM, HIDDEN, LR, OUTPUT, TEMPERATURE, load, parse_args, report
 
 
 def tower() -> tf.keras.Sequential:
@@ -54,19 +50,10 @@ class TwoTower(tfrs.Model):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("data")
-    parser.add_argument("--batch", type=int, nargs="+", default=[1024, 4096])
-    parser.add_argument("--steps", type=int, nargs="+", default=[30, 10])
-    parser.add_argument("--warm-up", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1, help="per process")
-    args = parser.parse_args()
+    args = parse_args(__doc__)
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(args.threads)
-    arrays = np.load(args.data)
-    sizes = {k[len("size_"):]: arrays[k] for k in arrays.files if k.startswith("size_")}
-    data = {k: arrays[k] for k in ("user", "history", "item", "channel", "category", "log_q",
-                                   "reward")}
+    sizes, data = load(args.data)
     for batch, steps in zip(args.batch, args.steps, strict=True):
         tf.keras.utils.set_random_seed(0)
         model = TwoTower(sizes)
@@ -79,10 +66,7 @@ def main() -> None:
         started = time.perf_counter()
         model.fit(timed, verbose=0)
         seconds = time.perf_counter() - started
-        print(json.dumps({"framework": "TensorFlow Recommenders", "batch": batch,
-                          "steps": steps, "processes": 1,
-                          "threads": args.threads,
-                          "examples_per_second": steps * batch / seconds}), flush=True)
+        report("TensorFlow Recommenders", batch, steps, args.threads, seconds)
 
 
 if __name__ == "__main__":
