@@ -9,10 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ports import free_port
+from ports import free_port, gloo_group
 from twotower.checkpoint import load_checkpoint
 from twotower.data.interactions import load_interactions
 from twotower.data.synthetic import SyntheticConfig, generate
@@ -61,9 +60,7 @@ def _run(trainer: Trainer, prepared) -> dict[str, np.ndarray]:
 
 def _worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD)
-    try:
+    with gloo_group(rank, port, WORLD):
         prepared = _prepared()
         for correction in ("streaming", "none"):
             step = _first_step(_trainer(prepared, correction=correction), prepared)
@@ -72,9 +69,6 @@ def _worker(rank: int, port: int, out: str) -> None:
         np.savez(Path(out) / f"run-{rank}.npz", **_run(trainer, prepared))
         trainer.save()
         assert (trainer.checkpoint() is None) == (rank != 0)
-        dist.barrier()  # leave together: a rank tearing down alone can hang its peer's exit
-    finally:
-        dist.destroy_process_group()
 
 
 

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ports import free_port
+from ports import free_port, gloo_group
 from twotower.frequency import StreamingFrequencyEstimator, gather_global_ids
 
 WORLD = 2
@@ -27,9 +26,7 @@ def _estimator() -> StreamingFrequencyEstimator:
 
 
 def _replica(rank: int, port: int, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD)
-    try:
+    with gloo_group(rank, port, WORLD):
         estimator = _estimator()
         probabilities, gathered = [], []
         for step in range(STEPS):
@@ -38,9 +35,6 @@ def _replica(rank: int, port: int, out: str) -> None:
             probabilities.append(estimator.update_global(local))
         np.savez(Path(out) / f"rank{rank}.npz", probabilities=np.concatenate(probabilities),
                  gathered=np.concatenate(gathered), **estimator.state_dict())
-        dist.barrier()  # leave together: a rank tearing down alone can hang its peer's exit
-    finally:
-        dist.destroy_process_group()
 
 
 
