@@ -9,11 +9,10 @@ import json
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from twotower.data.interactions import load_interactions
 from twotower.data.synthetic import SyntheticConfig, generate
-from twotower.distributed import init_from_env
+from twotower.distributed import init_from_env, leave
 from twotower.experiment import default_model_config, prepare
 from twotower.towers import TwoTowerModel
 from twotower.train import TrainConfig, Trainer
@@ -47,9 +46,7 @@ def main() -> None:
                               "processes": world.size, "threads": torch.get_num_threads(),
                               "examples_per_second": steps * batch / summary["seconds"]}),
                   flush=True)
-    if world.size > 1:  # leave together: a worker exiting mid-teardown aborts the other
-        dist.barrier()
-        dist.destroy_process_group()
+    leave()
 
 
 if __name__ == "__main__":

@@ -152,14 +152,12 @@ def _train_new(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    import torch.distributed
-
-    from twotower.distributed import init_from_env, launch
+    from twotower.distributed import init_from_env, launch, leave
     from twotower.train import TrainingStopped
 
     if args.nproc > 1 and "RANK" not in os.environ:  # start the workers, each runs this
         return launch(args.argv, args.nproc)
-    world = init_from_env(args.device)
+    init_from_env(args.device)
     if not (args.out or args.resume):
         raise ValueError("say where to write the model: --out MODEL_DIR")
     try:
@@ -170,9 +168,7 @@ def _train(args: argparse.Namespace) -> int:
     except TrainingStopped as stopped:
         print(f"twotower train: {stopped}", file=sys.stderr)
         status = 130
-    if world.size > 1:  # every worker got here after the same last step: leave together
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    leave()  # every worker got here after the same last step
     return status
 
 

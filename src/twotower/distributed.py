@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = ["World", "all_gather_rows", "broadcast_tables", "gather_with_grad", "init_from_env",
-           "launch", "pick_device", "shard", "sync_table_grads"]
+           "launch", "leave", "pick_device", "shard", "sync_table_grads"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,14 @@ def init_from_env(device: str = "auto") -> World:
         torch.cuda.set_device(dev)
     dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return World.current()
+
+
+def leave() -> None:
+    """Leave the process group, all workers together (a worker tearing down alone can abort
+    or hang another's exit); nothing without one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def launch(argv: Sequence[str], nproc: int) -> int:
