@@ -324,23 +324,22 @@ class Trainer:
         local, first = shard(rows, world)
         keys = data.item_key[rows]  # the global batch: every estimator replica sees all of it
         probability = self.estimator.update_and_probability(keys)
-        log_q = None
-        if config.correction == "streaming":
-            log_q = torch.from_numpy(np.log(probability)).to(dev)
-        elif config.correction == "oracle":
-            log_q = torch.from_numpy(oracle[data.item_row[rows]]).to(dev)
         # Each distinct item of the global batch is one candidate column, with its count.
         item_rows, once, columns, counts = np.unique(
             data.item_row[rows], return_index=True, return_inverse=True, return_counts=True)
-        once_t = torch.from_numpy(once).to(dev)
+        log_q = None
+        if config.correction == "streaming":
+            log_q = torch.from_numpy(np.log(probability[once])).to(dev)
+        elif config.correction == "oracle":
+            log_q = torch.from_numpy(oracle[item_rows]).to(dev)
         if world.size == 1:  # the item tower sees each distinct item once
             query, items = self.towers(data.queries.take(local, dev),
                                        data.items.take(item_rows, dev))
         else:  # every worker's items, gathered with their gradients, first copies kept
             query, item = self.towers(data.queries.take(local, dev),
                                       data.items.take(data.item_row[local], dev))
-            items = gather_with_grad(item, len(rows), world)[once_t]
-        keys, log_q = keys[once], None if log_q is None else log_q[once_t]
+            items = gather_with_grad(item, len(rows), world)[torch.from_numpy(once).to(dev)]
+        keys = keys[once]
         positives = torch.from_numpy(columns[first:first + len(local)]).to(dev)
         counts = torch.from_numpy(counts).to(dev)
         loss = in_batch_softmax_loss(query, items, torch.from_numpy(keys).to(dev), log_q,
