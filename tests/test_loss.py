@@ -268,3 +268,9 @@ def test_reused_score_buffer_is_never_shared():
     got = torch.autograd.grad(first + second, queries)
     for a, b in zip(got, alone, strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("counts", [[1, 0, 2], [1, -1, 1], [1, 2]])
+def test_bad_candidate_counts_are_refused(counts):
+    with pytest.raises(ValueError, match="candidate_counts"):
+        in_batch_softmax_loss(t(Q3), t(C3), IDS3, candidate_counts=torch.tensor(counts))

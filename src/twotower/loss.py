@@ -171,6 +171,10 @@ def in_batch_softmax_loss(
         rows, columns = _accidental_hits(candidate_ids, labels)
         values = torch.full((len(rows),), -torch.inf, dtype=query.dtype, device=query.device)
     if candidate_counts is not None:
+        if candidate_counts.shape != (len(candidate),) or bool((candidate_counts < 1).any()):
+            raise ValueError(f"candidate_counts must hold one count >= 1 per candidate "
+                             f"({len(candidate)}), got shape {tuple(candidate_counts.shape)} "
+                             f"and minimum {candidate_counts.min().item()}")
         log_counts = candidate_counts.to(query.dtype).log()
         bias = bias + log_counts
         if remove_accidental_hits:  # the positive's column stands for itself alone
