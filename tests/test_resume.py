@@ -49,8 +49,8 @@ CONFIG = TrainConfig(batch_size=128, epochs=2, estimator_buckets=4096)
 
 
 class SlowInput(TrainingData):
-    def batches(self, batch_size):
-        for rows in super().batches(batch_size):
+    def batches(self, batch_size, shuffle_seed=None):
+        for rows in super().batches(batch_size, shuffle_seed):
             time.sleep(delay)
             yield rows
 
@@ -172,8 +172,8 @@ def test_sigterm_stops_after_the_batch_and_resumes_exactly(tmp_path):
     rows = np.arange(3000)
 
     class SignalAt(TrainingData):
-        def batches(self, batch_size):
-            for index, batch in enumerate(super().batches(batch_size)):
+        def batches(self, batch_size, shuffle_seed=None):
+            for index, batch in enumerate(super().batches(batch_size, shuffle_seed)):
                 if index == 7:
                     os.kill(os.getpid(), signal.SIGTERM)
                 yield batch

@@ -111,7 +111,9 @@ def _train_new(args: argparse.Namespace) -> int:
     if kind == "none":
         kind = None
     config = TrainConfig(batch_size=args.batch_size, epochs=args.epochs,
-                         learning_rate=args.lr, correction=args.correction, seed=args.seed)
+                         learning_rate=args.lr, correction=args.correction, seed=args.seed,
+                         shuffle=(args.order or "shuffled") == "shuffled",
+                         patience=args.patience, mixed_negatives=args.mixed_negatives)
     extra = {"schema": schema.model_dump(mode="json")}
     if args.streaming:
         from twotower.data.streaming import EventStream, StreamingTrainingData
@@ -136,14 +138,14 @@ def _train_new(args: argparse.Namespace) -> int:
 
         interactions = _load(schema)
         rows = np.arange(len(interactions))
-        split = {"kind": "none"}
+        split, valid = {"kind": "none"}, None
         if kind is not None:
             parts = split_log(kind, interactions.user, interactions.timestamp, **params)
-            rows, split = parts.train, {**params, **parts.summary()}
+            rows, valid, split = parts.train, parts.valid, {**params, **parts.summary()}
         model_config = schema_model_config(schema, memory_ids(interactions))
         fit(prepare(interactions, model_config), rows, config, args.out, not args.quiet,
             {**extra, "split": split, "data": interactions.report}, args.device,
-            args.checkpoint_every)
+            args.checkpoint_every, valid)
         report, trained = interactions.report, len(rows)
     if World.current().main:
         print(json.dumps({"model": str(args.out), "trained_on": trained, "data": report,
@@ -452,7 +454,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read the events in record batches (files sorted by time)")
     p.add_argument("--correction", choices=["none", "streaming", "oracle"],
                    default="streaming")
-    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=1,
+                   help="epochs; with validation events in the split, the most epochs")
+    p.add_argument("--order", choices=["shuffled", "time"],
+                   help="batches drawn in a new random order every epoch (default for a new "
+                   "model) or in time order, one pass as the paper trains (default for "
+                   "--resume and --follow)")
+    p.add_argument("--mixed-negatives", type=int, default=0, metavar="N",
+                   help="add N items drawn uniformly from the whole corpus to every batch's "
+                   "candidates, each corrected by its own sampling probability")
+    p.add_argument("--patience", type=int, default=3,
+                   help="with validation events: stop after this many epochs without a new "
+                   "best validation recall@50, keeping the best epoch")
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--lr", type=float, default=0.005)
     p.add_argument("--temperature", type=float, help="default: the schema's (0.05)")

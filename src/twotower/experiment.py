@@ -28,6 +28,7 @@ from twotower.frequency import StreamingFrequencyEstimator
 from twotower.hashing import to_int64_ids
 from twotower.towers import ModelConfig, TwoTowerModel
 from twotower.train import TrainConfig, Trainer, TrainingData, fit_and_save
+from twotower.validation import Validation
 
 __all__ = ["Prepared", "auto_buckets", "default_model_config", "fit", "fit_stream",
            "memory_ids", "prepare", "schema_model_config", "score", "stream_ids"]
@@ -114,7 +115,8 @@ def schema_model_config(schema: Schema, ids: IdSource) -> ModelConfig:
     model = schema.model
     return ModelConfig(tables, [f.spec() for f in schema.query_features],
                        [f.spec() for f in schema.item_features], list(model.hidden),
-                       list(model.hidden), model.output_dim, model.normalize, model.temperature)
+                       list(model.hidden), model.output_dim, model.normalize, model.temperature,
+                       model.dropout)
 
 
 @dataclass
@@ -145,23 +147,31 @@ def prepare(interactions: Interactions, model_config: ModelConfig) -> Prepared:
 def _train_and_save(model_config: ModelConfig, data: TrainingData | StreamingTrainingData,
                     config: TrainConfig, out_dir: str | Path, columns: Columns, progress: bool,
                     extra: dict | None, device: str = "auto", checkpoint_every: int = 0,
+                    validation: Validation | None = None,
                     ) -> tuple[TwoTowerModel, StreamingFrequencyEstimator]:
     torch.manual_seed(config.seed)
     trainer = Trainer(TwoTowerModel(model_config), config, out_dir=out_dir, device=device,
                       checkpoint_every=checkpoint_every, progress=progress,
                       extra={"columns": asdict(columns), **(extra or {})})
-    fit_and_save(trainer, data)
+    fit_and_save(trainer, data, validation=validation)
     return trainer.model.eval(), trainer.estimator
 
 
 def fit(prepared: Prepared, rows: np.ndarray, config: TrainConfig, out_dir: str | Path,
         progress: bool = True, extra: dict | None = None, device: str = "auto",
-        checkpoint_every: int = 0) -> tuple[TwoTowerModel, StreamingFrequencyEstimator]:
+        checkpoint_every: int = 0, valid_rows: np.ndarray | None = None,
+        ) -> tuple[TwoTowerModel, StreamingFrequencyEstimator]:
     """Train a fresh model on ``rows`` and save it into ``out_dir`` (``extra`` goes into its
-    config: the schema, the split, the data report), with checkpoints to resume from."""
+    config: the schema, the split, the data report), with checkpoints to resume from.
+
+    With ``valid_rows`` (events held out for validation) the model is scored on them after
+    every epoch and the best epoch is kept (see :mod:`twotower.validation`)."""
+    validation = None
+    if valid_rows is not None and len(valid_rows):
+        validation = Validation(prepared, rows, valid_rows)
     return _train_and_save(prepared.model_config, prepared.training_data(rows), config, out_dir,
                            prepared.interactions.columns, progress, extra, device,
-                           checkpoint_every)
+                           checkpoint_every, validation)
 
 
 def fit_stream(data: StreamingTrainingData, config: TrainConfig, out_dir: str | Path,

@@ -23,10 +23,12 @@ import torch
 
 from twotower.hashing import hash_buckets, seed_for, to_int64_ids
 
-__all__ = ["Bag", "EncodedFeatures", "FeatureSpec", "TableSpec", "bag_from_arrow", "take_bag"]
+__all__ = ["LIST_KINDS", "Bag", "EncodedFeatures", "FeatureSpec", "TableSpec", "bag_from_arrow",
+           "newest_first", "take_bag"]
 
-FeatureKind = Literal["id", "id_list", "dense"]
-KINDS: tuple[str, ...] = ("id", "id_list", "dense")
+FeatureKind = Literal["id", "id_list", "sequence", "dense"]
+KINDS: tuple[str, ...] = ("id", "id_list", "sequence", "dense")
+LIST_KINDS: tuple[str, ...] = ("id_list", "sequence")  # features given as lists of ids
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,9 @@ class FeatureSpec:
     ``table`` names the embedding table of an ``id`` or ``id_list`` feature (default: the
     feature's own name); two features naming the same table share it. ``weights``
     names a list column of per-id weights for an ``id_list`` (a weighted mean instead
-    of a plain one). ``width`` is the number of values of a ``dense`` feature.
+    of a plain one). ``width`` is the number of values of a ``dense`` feature. A
+    ``sequence`` is a list of ids whose order matters (oldest first), read by a small
+    self-attention encoder over its newest ``length`` ids.
     """
 
     name: str
@@ -56,6 +60,7 @@ class FeatureSpec:
     table: str | None = None
     weights: str | None = None
     width: int = 1
+    length: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -66,6 +71,9 @@ class FeatureSpec:
             raise ValueError(f"dense feature {self.name!r}: width must be >= 1")
         if self.weights is not None and self.kind != "id_list":
             raise ValueError(f"feature {self.name!r}: only an id_list feature takes weights")
+        if self.kind == "sequence" and (self.length is None or self.length < 1):
+            raise ValueError(f"sequence feature {self.name!r}: give its length (>= 1), the "
+                             "newest ids the encoder reads")
 
     @property
     def table_name(self) -> str:
@@ -137,6 +145,20 @@ def take_bag(bag: Bag, rows: np.ndarray) -> Bag:
     return Bag(bag.values[index], offsets, weights)
 
 
+def newest_first(bag: Bag, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids, mask)``, each ``[len(bag), length]``: every bag's newest ``length`` ids (its
+    last ones) from the newest on, padded with 0 where ``mask`` is false. A longer bag is
+    cut to its newest ids, as training's history features are."""
+    lengths = np.minimum(np.diff(bag.offsets), length)
+    mask = np.arange(length)[None, :] < lengths[:, None]
+    ids = np.zeros((len(lengths), length), dtype=np.int64)
+    # Position p of row r holds values[end_r - 1 - p], the p-th newest id.
+    ends = bag.offsets[1:]
+    rows, positions = np.nonzero(mask)
+    ids[rows, positions] = bag.values[ends[rows] - 1 - positions]
+    return ids, mask
+
+
 def _mean_weights(bag: Bag) -> np.ndarray:
     """Per-id weights that turn a weighted sum into the (weighted) mean of each bag."""
     lengths = np.diff(bag.offsets)
@@ -191,7 +213,11 @@ class EncodedFeatures:
         batch: dict[str, object] = {}
         for spec in self.specs:
             value = self.data[spec.name]
-            if spec.kind == "id_list":
+            if spec.kind == "sequence":
+                ids, mask = newest_first(take_bag(value, rows), spec.length)
+                batch[spec.name] = (torch.from_numpy(ids).to(device),
+                                    torch.from_numpy(mask).to(device))
+            elif spec.kind == "id_list":
                 bag = take_bag(value, rows)
                 batch[spec.name] = (
                     torch.from_numpy(bag.values).to(device),
@@ -259,4 +285,6 @@ def _encode(spec: FeatureSpec, tables: Mapping[str, TableSpec], column: object,
     if weights is not None:
         bag = Bag(bag.values, bag.offsets, _bag_weights(bag, weights, spec, where))
     buckets = hash_buckets(bag.values, table.num_buckets, seed)
+    if spec.kind == "sequence":
+        return Bag(buckets, bag.offsets)  # order kept; the encoder weighs the ids itself
     return Bag(buckets, bag.offsets, _mean_weights(bag))

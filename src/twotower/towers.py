@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from twotower.features import FeatureSpec, TableSpec
+from twotower.sequence import SequenceEncoder
 
 __all__ = ["ModelConfig", "Tower", "TwoTowerModel"]
 
@@ -32,10 +33,13 @@ class ModelConfig:
     output_dim: int = 64
     normalize: bool = True
     temperature: float = 0.05
+    dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.temperature <= 0:
+        if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         for side, features in (("query", self.query_features), ("item", self.item_features)):
             if not features:
                 raise ValueError(f"the {side} tower needs at least one feature")
@@ -58,6 +62,7 @@ class ModelConfig:
             "output_dim": self.output_dim,
             "normalize": self.normalize,
             "temperature": self.temperature,
+            "dropout": self.dropout,
         }
 
     @classmethod
@@ -79,15 +84,24 @@ def _mlp(in_dim: int, hidden: Sequence[int], out_dim: int) -> nn.Sequential:
 
 
 class Tower(nn.Module):
-    """Embedding front + ReLU MLP: ``[batch] features -> [batch, output_dim]``."""
+    """Embedding front + ReLU MLP: ``[batch] features -> [batch, output_dim]``.
+
+    ``dropout`` applies to the embedding front during training (and inside sequence
+    encoders): hashed id tables memorise a fixed log within a few epochs otherwise.
+    """
 
     def __init__(self, features: Sequence[FeatureSpec], tables: Mapping[str, TableSpec],
-                 hidden: Sequence[int], output_dim: int, normalize: bool) -> None:
+                 hidden: Sequence[int], output_dim: int, normalize: bool,
+                 dropout: float = 0.0) -> None:
         super().__init__()
         self.features = list(features)
         self.normalize = normalize
         in_dim = sum(f.width if f.kind == "dense" else tables[f.table_name].dim
                      for f in self.features)
+        self.sequences = nn.ModuleDict({
+            f.name: SequenceEncoder(tables[f.table_name].dim, f.length, dropout=dropout)
+            for f in self.features if f.kind == "sequence"})
+        self.dropout = nn.Dropout(dropout)
         self.mlp = _mlp(in_dim, hidden, output_dim)
 
     def forward(self, batch: Mapping[str, object], tables: nn.ModuleDict) -> torch.Tensor:
@@ -99,10 +113,15 @@ class Tower(nn.Module):
             elif spec.kind == "id":
                 table = tables[spec.table_name]
                 parts.append(F.embedding(value, table.weight, sparse=table.sparse))
+            elif spec.kind == "sequence":
+                ids, mask = value
+                table = tables[spec.table_name]
+                items = F.embedding(ids, table.weight, sparse=table.sparse)
+                parts.append(self.sequences[spec.name](items, mask))
             else:
                 values, offsets, weights = value
                 parts.append(tables[spec.table_name](values, offsets, per_sample_weights=weights))
-        out = self.mlp(torch.cat(parts, dim=1))
+        out = self.mlp(self.dropout(torch.cat(parts, dim=1)))
         return F.normalize(out, dim=1) if self.normalize else out
 
 
@@ -123,9 +142,9 @@ class TwoTowerModel(nn.Module):
         for table in self.tables.values():
             nn.init.normal_(table.weight, std=0.05)
         self.query_tower = Tower(config.query_features, config.tables, config.query_hidden,
-                                 config.output_dim, config.normalize)
+                                 config.output_dim, config.normalize, config.dropout)
         self.item_tower = Tower(config.item_features, config.tables, config.item_hidden,
-                                config.output_dim, config.normalize)
+                                config.output_dim, config.normalize, config.dropout)
 
     def set_sparse(self, sparse: bool) -> None:
         """Give the tables sparse gradients (only the rows a batch touches) or dense ones."""

@@ -38,6 +38,7 @@ from twotower.checkpoint import (
     CHECKPOINTS,
     METRICS,
     load_checkpoint,
+    load_model,
     save_checkpoint,
     save_model,
 )
@@ -52,7 +53,9 @@ from twotower.distributed import (
 from twotower.features import EncodedFeatures
 from twotower.frequency import StreamingFrequencyEstimator
 from twotower.loss import in_batch_softmax_loss
+from twotower.negatives import uniform_negatives
 from twotower.towers import TwoTowerModel
+from twotower.validation import EarlyStopping, Validation
 
 __all__ = ["CORRECTIONS", "Position", "TrainConfig", "Trainer", "TrainingData", "TrainingStopped",
            "fit_and_save", "input_name", "make_optimizers", "oracle_log_q", "stop_on_signals",
@@ -74,6 +77,9 @@ class TrainConfig:
     estimator_hashes: int = 1
     estimator_alpha: float = 0.01
     remove_accidental_hits: bool = True
+    shuffle: bool = False
+    patience: int = 3
+    mixed_negatives: int = 0
     sparse: bool = True
     seed: int = 0
     log_every: int = 20
@@ -86,6 +92,10 @@ class TrainConfig:
                              f"{self.batch_size}")
         if self.epochs < 1 or self.learning_rate <= 0:
             raise ValueError("epochs must be >= 1 and learning_rate > 0")
+        if self.patience < 1:
+            raise ValueError(f"patience must be >= 1 epoch, got {self.patience}")
+        if self.mixed_negatives < 0:
+            raise ValueError(f"mixed_negatives must be >= 0, got {self.mixed_negatives}")
 
     def make_estimator(self) -> StreamingFrequencyEstimator:
         return StreamingFrequencyEstimator(self.estimator_buckets, self.estimator_hashes,
@@ -107,10 +117,15 @@ class TrainingData:
     reward: np.ndarray
     rows: np.ndarray
 
-    def batches(self, batch_size: int) -> Iterator[np.ndarray]:
-        """Consecutive batches of event indices; a last batch under 2 events is dropped."""
-        for start in range(0, len(self.rows), batch_size):
-            batch = self.rows[start:start + batch_size]
+    def batches(self, batch_size: int,
+                shuffle_seed: tuple[int, int] | None = None) -> Iterator[np.ndarray]:
+        """Batches of event indices, consecutive in time order, or in a random order drawn
+        from ``shuffle_seed``; a last batch under 2 events is dropped."""
+        rows = self.rows
+        if shuffle_seed is not None:
+            rows = rows[np.random.default_rng(shuffle_seed).permutation(len(rows))]
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start:start + batch_size]
             if len(batch) >= 2:
                 yield batch
 
@@ -176,7 +191,8 @@ class _Towers(nn.Module):
         return self.model.query(queries), self.model.item(items)
 
 
-RESUMABLE = ("epochs", "log_every")  # what may change on resume; the rest shapes the state
+# What may change on resume; the rest shapes the optimizer and estimator state.
+RESUMABLE = ("epochs", "log_every", "shuffle")
 
 
 class Trainer:
@@ -194,6 +210,9 @@ class Trainer:
                  checkpoint_every: int = 0, progress: bool = True,
                  metrics_path: str | Path | None = None, extra: dict | None = None) -> None:
         self.world = World.current()
+        if self.world.size > 1 and config.mixed_negatives:
+            raise ValueError("mixed negatives are sampled in one process only; train with "
+                             "--nproc 1, or without --mixed-negatives")
         self.device = pick_device(device)
         self.model = model.to(self.device)
         self.config = config
@@ -207,6 +226,8 @@ class Trainer:
         self.extra = extra or {}
         self.position = Position()
         self.inputs_done: list[str] = []
+        self.early_stopping = EarlyStopping(patience=config.patience)
+        self._best: dict[str, torch.Tensor] | None = None
         self.stop_requested = False
         broadcast_tables(list(model.tables.values()), self.world)
         self.towers: nn.Module = _Towers(model)
@@ -247,15 +268,21 @@ class Trainer:
         torch.set_rng_state(saved.rng)
         trainer.position = Position(**saved.state["position"])
         trainer.inputs_done = list(saved.state["inputs_done"])
+        if "early_stopping" in saved.state:
+            trainer.early_stopping = EarlyStopping(**saved.state["early_stopping"])
         trainer.log({"event": "resume", "step": trainer.step, "from": str(saved.path)})
         return trainer
 
-    def fit(self, data: TrainingData, name: str | None = None) -> dict:
+    def fit(self, data: TrainingData, name: str | None = None,
+            validation: Validation | None = None) -> dict:
         """Train on ``data`` for ``config.epochs`` epochs, from where a run on the same input
         stopped; returns the input's summary, also appended to the metrics log.
 
-        Stops early, after the current batch, once :attr:`stop_requested` is set (see
-        :func:`stop_on_signals`); the summary then says ``stopped``.
+        With ``validation``, the model is scored after every epoch; training stops once
+        :attr:`early_stopping` has waited its patience, and the model ends with the weights
+        of its best epoch (the summary says which). Stops early, after the
+        current batch, once :attr:`stop_requested` is set (see :func:`stop_on_signals`);
+        the summary then says ``stopped``.
         """
         name = name or input_name(data)
         if name in self.inputs_done:
@@ -268,25 +295,29 @@ class Trainer:
         bar = tqdm(total=per_epoch * config.epochs, initial=start.epoch * per_epoch + start.batch,
                    disable=not (self.progress and self.world.main), unit="step",
                    mininterval=1.0, desc=f"train[{config.correction}]")
-        self.towers.train()
         started, losses, running, examples, stopped = time.perf_counter(), [], [], 0, False
         try:
-            for epoch, index, rows in self._remaining(data, start):
-                loss, stopped = self._reduce(self._step(data, rows, oracle))
-                self.position = Position(name, epoch, index + 1)
-                losses.append(loss)
-                running.append(loss)
-                examples += len(rows)
-                bar.update(1)
-                if self.step % config.log_every == 0 or stopped:
-                    bar.set_postfix(loss=f"{np.mean(running):.4f}")
+            for epoch in range(start.epoch, config.epochs):
+                self.towers.train()
+                skip = start.batch if epoch == start.epoch else 0
+                for index, rows in itertools.islice(self._batches(data, epoch), skip, None):
+                    loss, stopped = self._reduce(self._step(data, rows, oracle))
+                    self.position = Position(name, epoch, index + 1)
+                    losses.append(loss)
+                    running.append(loss)
+                    examples += len(rows)
+                    bar.update(1)
+                    if self.step % config.log_every == 0 or stopped:
+                        bar.set_postfix(loss=f"{np.mean(running):.4f}")
+                        running = self._log_loss(epoch, running, examples, started)
+                    if self.checkpoint_every and self.step % self.checkpoint_every == 0:
+                        self.checkpoint()
+                    if stopped:
+                        break
+                if running:
                     running = self._log_loss(epoch, running, examples, started)
-                if self.checkpoint_every and self.step % self.checkpoint_every == 0:
-                    self.checkpoint()
-                if stopped:
+                if stopped or (validation is not None and self._validate(validation, epoch)):
                     break
-            if running:
-                self._log_loss(epoch, running, examples, started)
         finally:
             bar.close()
         if stopped:
@@ -297,8 +328,44 @@ class Trainer:
                    "examples": examples,
                    "loss": float(np.mean(losses)) if losses else float("nan"),
                    "seconds": round(time.perf_counter() - started, 3), "stopped": stopped}
+        if validation is not None and not stopped:
+            summary.update(self._keep_best())
         self.log(summary)
         return summary
+
+    def _batches(self, data: TrainingData, epoch: int) -> Iterator[tuple[int, np.ndarray]]:
+        """``(index, rows)`` of the batches of ``epoch``: in time order, or shuffled with a
+        seed of the run's seed and the epoch (so a resumed run sees the same batches)."""
+        seed = (self.config.seed, epoch) if self.config.shuffle else None
+        return enumerate(data.batches(self.config.batch_size, seed))
+
+    def _validate(self, validation: Validation, epoch: int) -> bool:
+        """Score the epoch, remember the weights if it is the best; True to stop."""
+        metrics = validation.score(self.model)
+        stopping = self.early_stopping
+        if stopping.update(epoch, self.step, metrics[stopping.metric]):
+            self._best = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            if self.out_dir is not None and self.world.main:  # survives a kill: resume reads it
+                save_model(self.out_dir, self.model, self.estimator,
+                           {"train": asdict(self.config), **self.extra})
+        self.log({"event": "validation", "epoch": epoch + 1, "step": self.step, **metrics,
+                  "best_epoch": stopping.best_epoch + 1})
+        if self.progress and self.world.main:
+            tqdm.write(f"epoch {epoch + 1}: validation {stopping.metric} "
+                       f"{metrics[stopping.metric]:.4f} (best {stopping.best_value:.4f}, "
+                       f"epoch {stopping.best_epoch + 1})")
+        return stopping.done
+
+    def _keep_best(self) -> dict:
+        """Put the best epoch's weights back (the estimator goes on: its estimates of item
+        frequencies are as good after later epochs); what the summary says of it."""
+        stopping = self.early_stopping
+        if self._best is None and stopping.best_epoch >= 0 and self.out_dir is not None:
+            self._best = load_model(self.out_dir)[0].state_dict()  # published when it was best
+        if self._best is not None:
+            self.model.load_state_dict(self._best)
+        return {"best_epoch": stopping.best_epoch + 1, stopping.metric: stopping.best_value,
+                "early_stopped": stopping.done}
 
     def _log_loss(self, epoch: int, running: list[float], examples: int,
                   started: float) -> list[float]:
@@ -306,15 +373,6 @@ class Trainer:
         self.log({"step": self.step, "epoch": epoch, "loss": float(np.mean(running)),
                   "examples": examples, "seconds": round(time.perf_counter() - started, 3)})
         return []
-
-    def _remaining(self, data: TrainingData,
-                   start: Position) -> Iterator[tuple[int, int, np.ndarray]]:
-        """``(epoch, batch index, rows)`` of every batch after ``start``, in order."""
-        for epoch in range(start.epoch, self.config.epochs):
-            skip = start.batch if epoch == start.epoch else 0
-            batches = itertools.islice(data.batches(self.config.batch_size), skip, None)
-            for index, rows in enumerate(batches, start=skip):
-                yield epoch, index, rows
 
     def _step(self, data: TrainingData, rows: np.ndarray,
               oracle: np.ndarray | None) -> torch.Tensor:
@@ -329,23 +387,31 @@ class Trainer:
             data.item_row[rows], return_index=True, return_inverse=True, return_counts=True)
         log_q = None
         if config.correction == "streaming":
-            log_q = torch.from_numpy(np.log(probability[once])).to(dev)
+            log_q = np.log(probability[once])
         elif config.correction == "oracle":
-            log_q = torch.from_numpy(oracle[item_rows]).to(dev)
+            log_q = oracle[item_rows]
+        candidates = item_rows
+        if config.mixed_negatives:  # uniform draws from the corpus, after the batch's items
+            sampled, times, sampled_log_q = uniform_negatives(
+                len(data.items), config.mixed_negatives,
+                np.random.default_rng((config.seed, self.step)))
+            candidates = np.concatenate([item_rows, sampled])
+            counts = np.concatenate([counts, times])
+            if log_q is not None:
+                log_q = np.concatenate([log_q, np.full(len(sampled), sampled_log_q)])
         if world.size == 1:  # the item tower sees each distinct item once
             query, items = self.towers(data.queries.take(local, dev),
-                                       data.items.take(item_rows, dev))
+                                       data.items.take(candidates, dev))
         else:  # every worker's items, gathered with their gradients, first copies kept
             query, item = self.towers(data.queries.take(local, dev),
                                       data.items.take(data.item_row[local], dev))
             items = gather_with_grad(item, len(rows), world)[torch.from_numpy(once).to(dev)]
-        keys = keys[once]
         positives = torch.from_numpy(columns[first:first + len(local)]).to(dev)
-        counts = torch.from_numpy(counts).to(dev)
-        loss = in_batch_softmax_loss(query, items, torch.from_numpy(keys).to(dev), log_q,
-                                     torch.from_numpy(data.reward[local]).to(dev),
-                                     self.model.config.temperature,
-                                     config.remove_accidental_hits, positives, counts)
+        loss = in_batch_softmax_loss(
+            query, items, torch.from_numpy(candidates).to(dev),
+            None if log_q is None else torch.from_numpy(log_q).to(dev),
+            torch.from_numpy(data.reward[local]).to(dev), self.model.config.temperature,
+            config.remove_accidental_hits, positives, torch.from_numpy(counts).to(dev))
         share = loss * (len(local) / len(rows))
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
@@ -370,7 +436,7 @@ class Trainer:
         """The JSON part of a checkpoint."""
         return {"step": self.step, "position": asdict(self.position),
                 "inputs_done": self.inputs_done, "train": asdict(self.config),
-                "extra": self.extra}
+                "early_stopping": self.early_stopping.state_dict(), "extra": self.extra}
 
     def checkpoint(self) -> Path | None:
         """Write a checkpoint into ``out_dir/checkpoints`` (main process only)."""
@@ -426,11 +492,12 @@ def stop_on_signals(trainer: Trainer, signals: tuple[int, ...] = (signal.SIGINT,
             signal.signal(s, handler)
 
 
-def fit_and_save(trainer: Trainer, data: TrainingData, name: str | None = None) -> dict:
+def fit_and_save(trainer: Trainer, data: TrainingData, name: str | None = None,
+                 validation: Validation | None = None) -> dict:
     """Fit (SIGINT and SIGTERM stop it after the current batch), then publish the model and
     checkpoint; raises :class:`TrainingStopped` after saving if a signal stopped it."""
     with stop_on_signals(trainer):
-        summary = trainer.fit(data, name)
+        summary = trainer.fit(data, name, validation)
     trainer.save()
     if summary["stopped"]:
         raise TrainingStopped(f"stopped at step {trainer.step}; {trainer.out_dir} holds a "

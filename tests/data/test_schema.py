@@ -138,14 +138,14 @@ def test_round_trips_through_json(tmp_path):
 
 @pytest.mark.parametrize("changes, message", [
     ({"query_features": [{"name": "user_id", "kind": "ids"}]},
-     r"query_features\[0\] \('user_id'\)\.kind: Input should be 'id', 'id_list' or 'dense' "
+     r"query_features\[0\] \('user_id'\)\.kind: Input should be 'id', 'id_list', 'sequence' or 'dense' "
      r"\(got 'ids'\)"),
     ({"items": {"path": "items.parquet", "kye": "item_id"}},
      r"items\.kye: Extra inputs are not permitted"),
     ({"query_features": [{"name": "h", "kind": "id_list", "history": "item_id"}]},
      r"query_features\[0\] \('h'\): a history feature needs a length"),
     ({"query_features": [{"name": "h", "kind": "id", "history": "item_id", "length": 2}]},
-     r"kind must be id_list, got id"),
+     r"kind must be id_list or sequence, got id"),
     ({"query_features": [{"name": "device", "kind": "id", "length": 2}]},
      r"length is only for history features"),
     ({"query_features": [{"name": "item_id", "kind": "id"}]},
@@ -289,7 +289,7 @@ def test_unknown_feature_kind_in_cli(tmp_path, capsys):
     path = write(tmp_path, changes)
     assert main(["train", "--schema", str(path), "--out", str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err
-    assert "item_features[1] ('category').kind: Input should be 'id', 'id_list' or 'dense'" in err
+    assert "item_features[1] ('category').kind: Input should be 'id', 'id_list', 'sequence' or 'dense'" in err
     assert "(got 'categorical')" in err and not (tmp_path / "m").exists()
 
 

@@ -75,7 +75,7 @@ class FeatureConfig(_Strict):
     """One tower input: ``id`` (hashed), ``id_list`` (bag of ids) or ``dense`` (numbers)."""
 
     name: str = Field(min_length=1)
-    kind: Literal["id", "id_list", "dense"]
+    kind: Literal["id", "id_list", "sequence", "dense"]
     table: str | None = None
     history: str | None = None
     length: int | None = Field(default=None, ge=1)
@@ -84,10 +84,13 @@ class FeatureConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> FeatureConfig:
+        if self.kind == "sequence" and self.history is None:
+            raise ValueError("a sequence is a history feature: add `history: COLUMN` and "
+                             "`length: N`")
         if self.history is not None:
-            if self.kind != "id_list":
-                raise ValueError(f"a history feature is a bag of ids: kind must be id_list, "
-                                 f"got {self.kind}")
+            if self.kind not in ("id_list", "sequence"):
+                raise ValueError(f"a history feature is a list of ids: kind must be id_list "
+                                 f"or sequence, got {self.kind}")
             if self.length is None:
                 raise ValueError("a history feature needs a length (the newest items it keeps)")
             if self.weights is not None:
@@ -101,7 +104,8 @@ class FeatureConfig(_Strict):
         return self
 
     def spec(self) -> FeatureSpec:
-        return FeatureSpec(self.name, self.kind, self.table, self.weights, self.width)
+        return FeatureSpec(self.name, self.kind, self.table, self.weights, self.width,
+                           self.length if self.kind == "sequence" else None)
 
 
 class TableConfig(_Strict):
@@ -125,6 +129,7 @@ class ModelSettings(_Strict):
     output_dim: int = Field(default=64, ge=1)
     normalize: bool = True
     temperature: float = Field(default=0.05, gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
 
 
 class CleaningConfig(_Strict):

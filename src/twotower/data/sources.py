@@ -88,7 +88,12 @@ def check_features(schema: Schema, events: pa.Schema, items: pa.Schema, where_ev
         _check_kind(items, feature.name, feature.kind, feature.name, where_items)
     for feature in schema.query_features:
         if feature.history is not None:
-            _check_kind(items, feature.history, _history_kind(items, feature), feature.name,
+            kind = _history_kind(items, feature)
+            if feature.kind == "sequence" and kind == "id_list":
+                raise TypeError(f"{where_items}: sequence feature {feature.name!r} reads "
+                                f"{feature.history!r}, a list column; a sequence is one id per "
+                                "item (use kind id_list for a bag of the items' lists)")
+            _check_kind(items, feature.history, kind, feature.name,
                         f"{where_items} (history feature {feature.name!r})")
         elif feature.name != schema.events.user:
             _check_kind(events, feature.name, feature.kind, feature.name, where_events)

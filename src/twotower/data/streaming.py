@@ -252,16 +252,21 @@ class StreamingTrainingData:
         self.item_row = self.item_key = np.zeros(0, dtype=np.int64)
         self.reward = np.zeros(0, dtype=np.float32)
 
-    def batches(self, batch_size: int) -> Iterator[np.ndarray]:
-        """Consecutive batches of the stream, as row indices into the current piece."""
+    def batches(self, batch_size: int, shuffle_seed: tuple[int, int] | None = None
+                ) -> Iterator[np.ndarray]:
+        """Batches of the stream, as row indices into the current piece: consecutive, or
+        shuffled within each piece (a shuffle buffer of ``piece_rows`` events) when a
+        ``shuffle_seed`` is given."""
+        rng = None if shuffle_seed is None else np.random.default_rng(shuffle_seed)
         names = [f.name for f in self.model_config.query_features]
         for piece in self.stream.pieces(batch_size, self.piece_rows):
             self.queries = EncodedFeatures(self.model_config.query_features,
                                            self.model_config.tables,
                                            piece.query_columns(names), "events")
             self.item_row, self.item_key, self.reward = piece.item_row, piece.item, piece.reward
+            order = np.arange(len(piece)) if rng is None else rng.permutation(len(piece))
             for start in range(0, len(piece), batch_size):
-                rows = np.arange(start, min(start + batch_size, len(piece)))
+                rows = order[start:start + batch_size]
                 if len(rows) >= 2:
                     yield rows
 
