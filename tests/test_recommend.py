@@ -12,7 +12,7 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import pytest
 
-from tiny_serving import NUM_ITEMS, make_artifacts, make_items, make_model
+from tiny_serving import NUM_ITEMS, make_artifacts, make_items, make_model, without_fingerprint
 from twotower.cli_serving import add_commands
 from twotower.evaluate import embed
 from twotower.features import Bag, EncodedFeatures
@@ -142,6 +142,8 @@ def test_load_rejects_an_index_of_another_model(artifacts, tmp_path):
     wide = make_model(tmp_path / "wide", output_dim=12)
     with pytest.raises(ValueError, match="12"):
         Recommender(Recommender.load(model, index).model, index_items(wide, items))
+    with pytest.raises(ValueError, match="records no model fingerprint"):
+        Recommender.load(model, without_fingerprint(index, tmp_path / "unsigned"))
     with pytest.raises(FileNotFoundError, match="not an index directory"):
         Recommender.load(model, tmp_path)
     with pytest.raises(FileNotFoundError, match="not a model directory"):

@@ -25,7 +25,7 @@ from twotower.checkpoint import METRICS, load_model
 from twotower.evaluate import embed
 from twotower.features import Bag, EncodedFeatures, FeatureSpec, bag_from_arrow
 from twotower.hashing import to_int64_ids
-from twotower.index import ItemIndex, model_fingerprint
+from twotower.index import ItemIndex, check_built_from
 from twotower.towers import TwoTowerModel
 
 __all__ = ["Query", "QueryError", "Recommendation", "Recommender", "read_queries",
@@ -145,10 +145,7 @@ class Recommender:
         """
         model, _, config = load_model(model_dir)
         index = ItemIndex.load(index_dir)
-        built_from = index.meta.get("info", {}).get("model_fingerprint")
-        if built_from is not None and built_from != model_fingerprint(model_dir):
-            raise ValueError(f"index {index_dir} was built from another model than "
-                             f"{model_dir}; rebuild it with `twotower index`")
+        check_built_from(index, model_dir, f"index {index_dir}")
         recommender = cls(model, index, config, model_dir, index_dir)
         recommender.warm_up()
         return recommender
