@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,12 +18,14 @@ import httpx
 import pytest
 
 from ports import free_port
-from tiny_serving import make_artifacts, make_model
+from tiny_serving import make_artifacts, make_model, without_fingerprint
 from twotower.index import index_items
 from twotower.recommend import Recommender
-from twotower.serve import Limits, MicroBatcher, create_app
+from twotower.serve import RELOAD_TOKEN_ENV, Limits, MicroBatcher, create_app, reload_token
 
 LIMITS = Limits(max_k=50, max_batch=4, max_body_bytes=4000)
+TOKEN = "a-reload-secret-of-some-length"
+ADMIN = {"authorization": f"Bearer {TOKEN}", "content-type": "application/json"}
 
 
 @pytest.fixture(scope="module")
@@ -113,15 +117,19 @@ def test_recommend_single_and_batch(client, recommender):
 def test_health_model_and_openapi(client, artifacts):
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").json()["status"] == "ready"
-    info = client.get("/v1/model").json()
+    response = client.get("/v1/model")
+    info = response.json()
     assert info["index"]["corpus_size"] == 300 and info["index"]["kind"] == "exact"
     assert info["index"]["recall@100"] == 1.0 and info["index"]["popularity_penalty"]
-    assert info["model"]["dir"] == str(artifacts[0]) and "torch" in info["model"]["versions"]
+    assert "torch" in info["model"]["versions"] and info["index"]["info"]["model_fingerprint"]
     assert info["model"]["history_features"] == ["history"] and info["limits"]["max_k"] == 50
     assert "faiss" in info["index"]["versions"] and info["reloads"] == 0
+    # No server paths: neither the directories nor the items table the index was built from.
+    assert str(artifacts[0].parent) not in response.text and '"/' not in response.text
     paths = client.get("/openapi.json").json()["paths"]
-    assert {"/v1/recommend", "/v1/recommend/batch", "/v1/model", "/healthz", "/readyz",
-            "/v1/admin/reload"} <= set(paths)
+    assert {"/v1/recommend", "/v1/recommend/batch", "/v1/model", "/healthz",
+            "/readyz"} <= set(paths)
+    assert "/v1/admin/reload" not in paths  # off unless the operator sets a token
 
 
 BAD_REQUESTS = [
@@ -251,39 +259,119 @@ def _features(i: int) -> dict:
     return {"user_id": i % 17, "history": [i % 7]}
 
 
-def test_hot_swap_under_traffic_and_broken_reload(recommender, artifacts, other, tmp_path):
-    app = create_app(recommender, LIMITS)
-    (tmp_path / "broken").mkdir()
-    (tmp_path / "broken" / "config.json").write_text("{not json")
+def served_copy(artifacts, root: Path) -> Recommender:
+    """A recommender loaded from copies of the model and index directories, which a test
+    may then change on disk as an operator would."""
+    model, _, index = artifacts
+    return Recommender.load(shutil.copytree(model, root / "model"),
+                            shutil.copytree(index, root / "index"))
+
+
+def replace_model(target: Path, source: Path) -> None:
+    for path in source.iterdir():
+        if path.is_file():
+            shutil.copy(path, target / path.name)
+
+
+def replace_index(target: Path, source: Path) -> None:
+    shutil.copytree(source, target.with_name("index.new"))
+    shutil.rmtree(target)
+    os.replace(target.with_name("index.new"), target)
+
+
+def test_hot_swap_under_traffic_and_refused_reload(artifacts, other, tmp_path, caplog):
+    served = served_copy(artifacts, tmp_path)
+    model_dir, index_dir = Path(served.model_dir), Path(served.index_dir)
+    app = create_app(served, LIMITS, reload_token=TOKEN)
 
     async def swap(http: httpx.AsyncClient) -> list:
         await asyncio.sleep(0.05)
-        bad = await http.post("/v1/admin/reload", json={"model_dir": str(tmp_path / "broken")})
-        mismatched = await http.post("/v1/admin/reload",
-                                     json={"model_dir": str(other[0])})  # old index
-        good = await http.post("/v1/admin/reload",
-                               json={"model_dir": str(other[0]), "index_dir": str(other[1])})
-        return [bad, mismatched, good]
+        replace_model(model_dir, other[0])  # the index is still the old model's
+        mismatched = await http.post("/v1/admin/reload", headers=ADMIN)
+        replace_index(index_dir, other[1])
+        good = await http.post("/v1/admin/reload", headers=ADMIN, json={})
+        return [mismatched, good]
 
-    old, new = recommender, Recommender.load(*other)
-    answers, [bad, mismatched, good] = _traffic(app, 20, swap)
+    old, new = Recommender.load(artifacts[0], artifacts[2]), Recommender.load(*other)
+    with caplog.at_level(logging.WARNING, "twotower.serve"):
+        answers, [mismatched, good] = _traffic(app, 20, swap)
     assert {status for _, status, _ in answers} == {200}  # not one failed during the swaps
     served_by = [(items == direct(old, **_features(i)), items == direct(new, **_features(i)))
                  for i, _, items in answers]
     assert all(by_old or by_new for by_old, by_new in served_by)
     assert any(by_old and not by_new for by_old, by_new in served_by)  # before the swap
     assert any(by_new and not by_old for by_old, by_new in served_by)  # and after it
-    assert bad.status_code == 422 and "reload refused" in bad.json()["detail"][0]["msg"]
-    assert "not a valid model config" in bad.json()["detail"][0]["msg"]
-    assert mismatched.status_code == 422 and "another model" in mismatched.text
-    assert good.status_code == 200 and good.json()["status"] == "reloaded"
+    assert mismatched.status_code == 409 and "reload refused" in mismatched.text
+    assert str(tmp_path) not in mismatched.text and "another model" not in mismatched.text
+    assert "was built from another model" in caplog.text  # the reason, for the operator
+    assert good.status_code == 200 and good.json() == {"status": "reloaded",
+                                                       "corpus_size": 300, "reloads": 1}
     with client_for(app) as client:
-        info = client.get("/v1/model").json()
-        assert info["model"]["dir"] == str(other[0]) and info["reloads"] == 1
+        assert client.get("/v1/model").json()["reloads"] == 1
         answer = client.post("/v1/recommend", json={"user": 2, "history": [], "k": 5}).json()
-        assert answer["items"] == direct(Recommender.load(*other), user_id=2, history=[])
-        # A reload with no body re-reads the current directories.
-        assert client.post("/v1/admin/reload").json()["model_dir"] == str(other[0])
+        assert answer["items"] == direct(new, user_id=2, history=[])
+
+
+def test_reload_needs_the_token_and_a_json_body_naming_no_path(artifacts, other, tmp_path):
+    served = served_copy(artifacts, tmp_path)
+    with client_for(create_app(served, reload_token=TOKEN)) as client:
+        assert client.post("/v1/admin/reload", json={}).status_code == 401
+        wrong = client.post("/v1/admin/reload", json={},
+                            headers={"authorization": f"Bearer {TOKEN[:-1]}x"})
+        assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
+        plain = client.post("/v1/admin/reload", content=b"{}", headers={
+            "authorization": ADMIN["authorization"], "content-type": "text/plain"})
+        assert plain.status_code == 415 and "application/json" in plain.text
+        named = client.post("/v1/admin/reload", headers=ADMIN,
+                            json={"model_dir": str(other[0]), "index_dir": str(other[1])})
+        assert named.status_code == 422 and named.json()["detail"][0]["loc"] == [
+            "body", "model_dir"]
+        assert client.get("/v1/model").json()["reloads"] == 0  # none of them reloaded
+        assert client.post("/v1/admin/reload", headers=ADMIN).json()["reloads"] == 1
+
+
+@pytest.mark.parametrize("breakage, logged", [
+    ("no fingerprint", "records no model fingerprint"),
+    ("not an index file", "cannot read index directory")])
+def test_refused_reload_tells_the_client_no_paths_or_file_contents(artifacts, tmp_path,
+                                                                   caplog, breakage, logged):
+    served = served_copy(artifacts, tmp_path / "served")
+    index_dir = Path(served.index_dir)
+    if breakage == "no fingerprint":  # would serve whatever vectors the index holds
+        replace_index(index_dir, without_fingerprint(index_dir, tmp_path / "unsigned"))
+    else:  # a readable file in the index's place: its first bytes must not be echoed
+        (tmp_path / "secret").write_bytes(b"root:x:0:0:secret-line\n")
+        (index_dir / "index.faiss").unlink()
+        (index_dir / "index.faiss").symlink_to(tmp_path / "secret")
+    with client_for(create_app(served, reload_token=TOKEN)) as client, \
+            caplog.at_level(logging.WARNING, "twotower.serve"):
+        response = client.post("/v1/admin/reload", headers=ADMIN)
+        assert response.status_code == 409
+        assert client.post("/v1/recommend", json={"user": 1}).status_code == 200
+    for leak in (str(tmp_path), "root", "secret", "fingerprint"):
+        assert leak not in response.text
+    assert logged in caplog.text
+    assert "Traceback" not in caplog.text
+
+
+def test_unknown_host_headers_are_refused(recommender):
+    with client_for(create_app(recommender, allowed_hosts=["localhost", "[::1]"])) as client:
+        rebound = client.get("/readyz", headers={"host": "attacker.example:8000"})
+        assert rebound.status_code == 400
+        for host in ("localhost:8000", "[::1]:8000"):
+            assert client.get("/readyz", headers={"host": host}).status_code == 200
+
+
+def test_reload_token_from_a_file_or_the_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv(RELOAD_TOKEN_ENV, raising=False)
+    assert reload_token() is None
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    assert reload_token(tmp_path / "token") == TOKEN
+    monkeypatch.setenv(RELOAD_TOKEN_ENV, "short")
+    with pytest.raises(ValueError, match=f"{RELOAD_TOKEN_ENV} holds 5 characters"):
+        reload_token()
+    monkeypatch.setenv(RELOAD_TOKEN_ENV, TOKEN)
+    assert reload_token() == TOKEN
 
 
 def test_penalty_on_an_index_without_popularity_is_a_422(artifacts, tmp_path):
@@ -295,10 +383,18 @@ def test_penalty_on_an_index_without_popularity_is_a_422(artifacts, tmp_path):
         assert client.post("/v1/recommend", json={"user": 1}).status_code == 200
 
 
-def test_reload_can_be_disabled(recommender):
-    with client_for(create_app(recommender, allow_reload=False)) as client:
-        assert client.post("/v1/admin/reload").status_code == 404
+def test_serve_refuses_a_short_reload_token(artifacts, tmp_path, capsys):
+    from twotower.cli import main
 
+    (tmp_path / "token").write_text("guessable")
+    assert main(["serve", str(artifacts[0]), "--reload-token-file",
+                 str(tmp_path / "token")]) == 2
+    assert "holds 9 characters" in capsys.readouterr().err
+
+
+def test_reload_is_off_unless_a_token_is_set(recommender):
+    with client_for(create_app(recommender)) as client:
+        assert client.post("/v1/admin/reload", headers=ADMIN).status_code == 404
 
 
 @pytest.mark.slow

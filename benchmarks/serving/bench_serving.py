@@ -284,7 +284,7 @@ def start_server(workdir: Path, port: int, args: argparse.Namespace) -> subproce
     for _ in range(1200):
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                s.sendall(b"GET /readyz HTTP/1.1\r\nhost: x\r\n\r\n")
+                s.sendall(b"GET /readyz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
                 if b" 200 " in s.recv(1024):
                     return server
         except OSError:

@@ -263,13 +263,18 @@ class Recommender:
         return results
 
     def describe(self) -> dict:
-        """What the service reports at ``/v1/model``: versions, corpus, index, metrics."""
+        """What the service reports at ``/v1/model``: versions, corpus, index, metrics.
+
+        No paths: a client has no business knowing the server's file layout.
+        """
         config = self.model.config
         metrics = _last_records(Path(self.model_dir) / METRICS) if self.model_dir else {}
         index = self.index.describe()
+        info = index["info"] if isinstance(index["info"], dict) else {}
+        index["info"] = {key: info.get(key) for key in ("model_fingerprint", "model_versions")}
         return {
             "model": {
-                "dir": self.model_dir, "versions": self.config.get("versions"),
+                "versions": self.config.get("versions"),
                 "output_dim": config.output_dim, "temperature": config.temperature,
                 "query_features": [s.to_dict() for s in self.specs],
                 "item_features": [s.to_dict() for s in config.item_features],
@@ -277,7 +282,7 @@ class Recommender:
                 "train": self.config.get("train"), "columns": self.config.get("columns"),
                 "metrics": metrics,
             },
-            "index": {"dir": self.index_dir, "corpus_size": len(self.index),
+            "index": {"corpus_size": len(self.index),
                       "kind": "exact" if self.index.factory == "Flat" else "approximate",
                       "recall@100": self.index.recall,
                       "popularity_penalty": self.index.popularity is not None, **index},
