@@ -279,6 +279,18 @@ def replace_index(target: Path, source: Path) -> None:
     os.replace(target.with_name("index.new"), target)
 
 
+def test_model_info_reads_the_complete_lines_of_a_metrics_log_being_written(artifacts,
+                                                                            tmp_path):
+    served = served_copy(artifacts, tmp_path)
+    (Path(served.model_dir) / "metrics.jsonl").write_text(
+        '{"step": 20, "loss": 4.5}\n{"event": "eval", "recall@10": 0.25}\n{"step": 40, "lo')
+    with client_for(create_app(served)) as client:
+        response = client.get("/v1/model")
+    assert response.status_code == 200
+    assert response.json()["model"]["metrics"] == {"train": {"step": 20, "loss": 4.5},
+                                                   "eval": {"event": "eval", "recall@10": 0.25}}
+
+
 def test_hot_swap_under_traffic_and_refused_reload(artifacts, other, tmp_path, caplog):
     served = served_copy(artifacts, tmp_path)
     model_dir, index_dir = Path(served.model_dir), Path(served.index_dir)

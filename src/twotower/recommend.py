@@ -108,12 +108,21 @@ def _history_features(model: TwoTowerModel, config: Mapping) -> list[str]:
 
 
 def _last_records(path: Path) -> dict[str, dict]:
-    """The last training record and the last evaluation record of a metrics log."""
+    """The last training record and the last evaluation record of a metrics log.
+
+    Only complete lines are read (a trainer may be appending one right now), and a line
+    that is not a JSON object is passed over: this is a report, not a check of the log.
+    """
     found: dict[str, dict] = {}
     if path.exists():
-        for line in path.read_text().splitlines():
-            record = json.loads(line) if line.strip() else {}
-            found["eval" if record.get("event") == "eval" else "train"] = record
+        *complete, _ = path.read_bytes().split(b"\n")
+        for line in complete:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                found["eval" if record.get("event") == "eval" else "train"] = record
     return found
 
 
