@@ -16,6 +16,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ports import free_port
 from tiny_serving import make_artifacts, make_model, without_fingerprint
@@ -149,15 +151,89 @@ BAD_REQUESTS = [
     ({"user": 1, "exclude": [{"a": 1}]}, 422, ["body", "exclude", 0]),
     ({"user": 1, "surprise": True}, 422, ["body", "surprise"]),
     ([1, 2], 422, ["body"]),
+    # Finite in float64 but not in float32, or scores that would overflow, or no float.
+    ({"user": 1, "popularity_penalty": 1e39}, 422, ["body", "popularity_penalty"]),
+    ({"user": 1, "popularity_penalty": 3e38}, 422, ["body", "popularity_penalty"]),
+    ({"user": 1, "popularity_penalty": 10**400}, 422, ["body", "popularity_penalty"]),
+    ({"features": {"user_id": 1, "history": [10**400]}}, 422,
+     ["body", "features", "history", 0]),
+    # A lone surrogate: valid JSON, but no UTF-8 form to hash or to answer with.
+    ({"user": "\ud800"}, 422, ["body", "user"]),
+    ({"user": 1, "history": [2, "\ud800"]}, 422, ["body", "history", 1]),
+    ({"user": 1, "exclude": ["\ud800"]}, 422, ["body", "exclude", 0]),
+    ({"features": {"user_id": "\ud800", "history": []}}, 422, ["body", "features", "user_id"]),
+    ({"features": {"user_id": 1, "history": [], "\ud800": 1}}, 422,
+     ["body", "features", "\\ud800"]),
 ]
+
+
+def post_json(client: Client, url: str, body: object, **headers: str) -> httpx.Response:
+    """POST ``body`` as JSON text with ASCII escapes, as any JSON encoder may send it (httpx's
+    own encoding cannot carry a lone surrogate)."""
+    return client.post(url, content=json.dumps(body),
+                       headers={"content-type": "application/json", **headers})
 
 
 @pytest.mark.parametrize("body, status, loc", BAD_REQUESTS)
 def test_bad_requests_get_clear_errors(client, body, status, loc):
-    response = client.post("/v1/recommend", json=body)
+    response = post_json(client, "/v1/recommend", body)
     assert response.status_code == status, response.text
     detail = response.json()["detail"]
     assert detail[0]["loc"][:len(loc)] == loc and detail[0]["msg"]  # the field, then the type
+
+
+TEXT = st.text(st.characters(exclude_categories=()), max_size=6) | st.sampled_from(
+    ["\ud800", "a\udfffb", "user_id", "history"])
+SCALARS = (st.none() | st.booleans() | st.integers() | st.floats() | TEXT
+           | st.sampled_from([2 ** 63, -(2 ** 63) - 1, 10 ** 400, 1e39, 3e38]))
+JSON = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4)
+                    | st.dictionaries(TEXT, inner, max_size=4), max_leaves=8)
+QUERY = {"features": {"user_id": 3, "history": [1, 2]}, "k": 5, "exclude": [4],
+         "exclude_history": True, "popularity_penalty": 0.01}
+SHORTCUT = {"user": 3, "history": [1, 2], "k": 5}
+FIELDS = [(), ("features",), ("features", "user_id"), ("features", "history"),
+          ("features", "new"), ("k",), ("exclude",), ("exclude_history",),
+          ("popularity_penalty",), ("new",), ("user",), ("history",)]
+
+
+@st.composite
+def requests(draw) -> tuple[str, object]:
+    """``(url, body)``: a valid request with one field (or the whole body) replaced by an
+    arbitrary JSON value."""
+    url = draw(st.sampled_from(["/v1/recommend", "/v1/recommend/batch", "/v1/admin/reload"]))
+    value = draw(JSON)
+    if url == "/v1/admin/reload":
+        return url, draw(st.sampled_from([value, {"model_dir": value}]))
+    path = draw(st.sampled_from(FIELDS))
+    query = json.loads(json.dumps(SHORTCUT if path[0:1] in [("user",), ("history",)] else QUERY))
+    if path:
+        *parents, last = path
+        target = query
+        for name in parents:
+            target = target[name]
+        target[last] = value
+    else:
+        query = value
+    if url == "/v1/recommend/batch":
+        return url, draw(st.sampled_from([{"queries": [query]}, {"queries": value}]))
+    return url, query
+
+
+def test_no_request_gets_a_server_error(artifacts, tmp_path, caplog):
+    """Arbitrary JSON in every field of every endpoint gets an answer below 500 (an error in
+    the app would be raised here by the in-process transport) and logs no traceback."""
+    app = create_app(served_copy(artifacts, tmp_path), LIMITS, reload_token=TOKEN)
+    with client_for(app) as client, caplog.at_level(logging.DEBUG):
+
+        @settings(max_examples=300, deadline=None)
+        @given(requests())
+        def check(request: tuple[str, object]) -> None:
+            url, body = request
+            response = post_json(client, url, body, authorization=ADMIN["authorization"])
+            assert response.status_code < 500, (body, response.text)
+
+        check()
+    assert "Traceback" not in caplog.text
 
 
 def test_malformed_oversized_and_batch_limits(client):

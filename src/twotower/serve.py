@@ -33,21 +33,44 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+)
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from twotower import __version__
-from twotower.recommend import Query, QueryError, Recommendation, Recommender
+from twotower.recommend import (
+    MAX_POPULARITY_PENALTY,
+    Query,
+    QueryError,
+    Recommendation,
+    Recommender,
+)
 
 __all__ = ["LOOPBACK_HOSTS", "RELOAD_TOKEN_ENV", "Limits", "MicroBatcher", "create_app",
            "reload_token", "serve"]
 
-Id = StrictInt | StrictStr
+
+
+def _unicode_id(value: int | str) -> int | str:
+    if isinstance(value, str) and _escaped(value) != value:
+        raise ValueError("a string id must be valid Unicode (no lone surrogates)")
+    return value
+
+
+Id = Annotated[StrictInt | StrictStr, AfterValidator(_unicode_id)]
 log = logging.getLogger("twotower.serve")
 
 RELOAD_TOKEN_ENV = "TWOTOWER_RELOAD_TOKEN"
@@ -235,8 +258,10 @@ def _request_models(limits: Limits) -> tuple[type[BaseModel], type[BaseModel]]:
         exclude: list[Id] = Field([], max_length=limits.max_exclude,
                                   description="item keys never to return")
         exclude_history: StrictBool = Field(False, description="also exclude history items")
+        # Range checked by Recommender.parse (pydantic's own check overflows on a huge int).
         popularity_penalty: StrictFloat | StrictInt = Field(
-            0.0, allow_inf_nan=False, description="beta: rank by <u, v> - beta log p_hat(item)")
+            0.0, description="beta: rank by <u, v> - beta log p_hat(item), |beta| <= "
+            f"{MAX_POPULARITY_PENALTY:g}")
 
     class BatchRequest(BaseModel):
         """Many queries, answered in order."""
@@ -262,8 +287,16 @@ class ReloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _escaped(value: Any) -> Any:
+    """A string with any lone surrogate written as ``\\ud800``: answers are UTF-8, which
+    has no form for one, and a client may send one (JSON allows it) in a field name."""
+    return value.encode("utf-8", "backslashreplace").decode() if isinstance(value, str) \
+        else value
+
+
 def _error(status: int, message: str, loc: tuple = ()) -> JSONResponse:
-    return JSONResponse({"detail": [{"loc": list(loc), "msg": message}]}, status_code=status)
+    return JSONResponse({"detail": [{"loc": [_escaped(part) for part in loc],
+                                     "msg": _escaped(message)}]}, status_code=status)
 
 
 def _query(recommender: Recommender, request: Any, loc: tuple) -> Query:
@@ -278,7 +311,7 @@ def _query(recommender: Recommender, request: Any, loc: tuple) -> Query:
     elif request.user is not None or request.history is not None:
         raise QueryError("give either features or user and history, not both", loc)
     return recommender.parse(features, request.k, request.exclude, request.exclude_history,
-                             float(request.popularity_penalty), loc)
+                             request.popularity_penalty, loc)
 
 
 def _now() -> str:
@@ -386,8 +419,8 @@ def create_app(recommender: Recommender, limits: Limits | None = None,
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
-        errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]}
-                  for e in error.errors()]
+        errors = [{"loc": [_escaped(part) for part in e["loc"]], "msg": _escaped(e["msg"]),
+                   "type": e["type"]} for e in error.errors()]
         if "json" not in request.headers.get("content-type", ""):
             return _error(415, "send the body as JSON, with the header 'content-type: "
                           "application/json'", ("header", "content-type"))
