@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -485,21 +486,33 @@ def test_reload_is_off_unless_a_token_is_set(recommender):
         assert client.post("/v1/admin/reload", headers=ADMIN).status_code == 404
 
 
-@pytest.mark.slow
-def test_serve_binds_loopback_and_reloads_on_sighup(tmp_path):
-    model, _, index = make_artifacts(tmp_path / "a")
+@contextlib.contextmanager
+def running(root: Path, options: str = ""):
+    """``twotower.serve.serve`` on fresh artifacts in a subprocess, until ready; yields
+    ``(process, url)``. ``options``: more keyword arguments of ``serve``, as source."""
+    model, _, index = make_artifacts(root)
     port = free_port()
-    code = f"from twotower.serve import serve; serve({str(model)!r}, {str(index)!r}, port={port})"
+    code = ("from twotower.serve import Limits, serve; "
+            f"serve({str(model)!r}, {str(index)!r}, port={port}, {options})")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     server = subprocess.Popen([sys.executable, "-c", code], env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(300):
+        for _ in range(600):
             try:
                 if httpx.get(f"{url}/readyz").status_code == 200:
                     break
             except httpx.TransportError:
                 time.sleep(0.05)
+        yield server, url
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+@pytest.mark.slow
+def test_serve_binds_loopback_and_reloads_on_sighup(tmp_path):
+    with running(tmp_path) as (server, url):
         assert httpx.get(f"{url}/v1/model").json()["reloads"] == 0
         server.send_signal(signal.SIGHUP)
         for _ in range(100):
@@ -509,9 +522,45 @@ def test_serve_binds_loopback_and_reloads_on_sighup(tmp_path):
         assert httpx.get(f"{url}/v1/model").json()["reloads"] == 1
         answer = httpx.post(f"{url}/v1/recommend", json={"user": 1, "k": 3}).json()
         assert len(answer["items"]) == 3 and json.dumps(answer)
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
+        rebound = httpx.get(f"{url}/readyz", headers={"host": "attacker.example"})
+        assert rebound.status_code == 400
+
+
+BODY = b'{"user": 1}'
+
+
+def head(length: int) -> bytes:
+    return (b"POST /v1/recommend HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: "
+            b"application/json\r\ncontent-length: %d\r\n\r\n" % length)
+
+
+@pytest.mark.slow
+def test_requests_that_do_not_arrive_in_time_get_a_408_and_are_closed(tmp_path):
+    with running(tmp_path, "limits=Limits(request_timeout_s=1.0)") as (_, url):
+        port = int(url.rsplit(":", 1)[1])
+        # Half a body, half the headers, nothing at all: 20 connections of each.
+        parts = [head(len(BODY)) + BODY[:6], head(len(BODY))[:30], b""] * 20
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in parts]
+        started = time.monotonic()
+        try:
+            for client, part in zip(clients, parts, strict=True):
+                client.sendall(part)
+            for client in clients:
+                client.settimeout(10)
+                answer = b""
+                while chunk := client.recv(4096):  # until the server closes it
+                    answer += chunk
+                assert answer.startswith(b"HTTP/1.1 408 "), answer
+            assert 0.9 < time.monotonic() - started < 4
+        finally:
+            for client in clients:
+                client.close()
+        # A request that arrives in time, even in pieces, is answered as before.
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            client.sendall(head(len(BODY)) + BODY[:6])
+            time.sleep(0.3)
+            client.sendall(BODY[6:])
+            assert client.recv(4096).startswith(b"HTTP/1.1 200 ")
 
 
 def test_slow_answers_time_out_and_non_finite_embeddings_are_refused(recommender):

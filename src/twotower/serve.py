@@ -16,6 +16,8 @@ The HTTP layer only checks requests and shapes answers; ranking is
 - Clear client errors: malformed JSON is a 400, a body over ``max_body_bytes`` a 413,
   a body not sent as JSON a 415, anything else wrong (unknown or missing features, wrong
   types, ``k`` or a batch over its limit) a 422 whose ``loc`` names the field.
+- Bounded waiting: a request's headers and body must arrive within
+  ``request_timeout_s`` (:mod:`twotower.arrival`), or the client gets a 408.
 
 fastapi and uvicorn are imported only here (``pip install 'twotower[serve]'``).
 """
@@ -507,10 +509,14 @@ def serve(model_dir: str, index_dir: str, host: str = "127.0.0.1", port: int = 8
     import torch
     import uvicorn
 
+    from twotower.arrival import arrival_deadline_protocol
+
     threads = threads or min(4, os.cpu_count() or 1)
     torch.set_num_threads(threads)
     faiss.omp_set_num_threads(threads)
     hosts = [*LOOPBACK_HOSTS, *allowed_hosts] if _is_loopback(host) else allowed_hosts or None
+    limits = limits or Limits()
     app = create_app(Recommender.load(model_dir, index_dir), limits, reload_token,
                      reload_on_sighup=True, allowed_hosts=hosts)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False,
+                http=arrival_deadline_protocol(limits.request_timeout_s))
