@@ -401,6 +401,24 @@ def test_hot_swap_under_traffic_and_refused_reload(artifacts, other, tmp_path, c
         assert answer["items"] == direct(new, user_id=2, history=[])
 
 
+def test_reload_follows_a_switched_symlink(artifacts, other, tmp_path):
+    for version, (model, index) in (("v1", (artifacts[0], artifacts[2])), ("v2", other)):
+        shutil.copytree(model, tmp_path / version)
+        shutil.copytree(index, tmp_path / version / "index")
+    (tmp_path / "current").symlink_to("v1")
+    current = tmp_path / "current"
+    app = create_app(Recommender.load(current, current / "index"), reload_token=TOKEN)
+    query = {"user": 2, "history": [], "k": 5}
+    with client_for(app) as client:
+        before = client.post("/v1/recommend", json=query).json()
+        (tmp_path / "next").symlink_to("v2")
+        os.replace(tmp_path / "next", current)  # what `ln -sfn` does, atomically
+        assert client.post("/v1/admin/reload", headers=ADMIN).status_code == 200
+        after = client.post("/v1/recommend", json=query).json()
+    assert after["items"] == direct(Recommender.load(*other), user_id=2, history=[])
+    assert after["items"] != before["items"]
+
+
 def test_reload_needs_the_token_and_a_json_body_naming_no_path(artifacts, other, tmp_path):
     served = served_copy(artifacts, tmp_path)
     with client_for(create_app(served, reload_token=TOKEN)) as client:
