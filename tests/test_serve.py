@@ -24,7 +24,7 @@ from ports import free_port
 from tiny_serving import make_artifacts, make_model, without_fingerprint
 from twotower.index import index_items
 from twotower.recommend import Recommender
-from twotower.serve import RELOAD_TOKEN_ENV, Limits, MicroBatcher, create_app, reload_token
+from twotower.serve import Limits, MicroBatcher, create_app
 
 LIMITS = Limits(max_k=50, max_batch=4, max_body_bytes=4000)
 TOKEN = "a-reload-secret-of-some-length"
@@ -467,18 +467,6 @@ def test_unknown_host_headers_are_refused(recommender):
         assert rebound.status_code == 400
         for host in ("localhost:8000", "[::1]:8000"):
             assert client.get("/readyz", headers={"host": host}).status_code == 200
-
-
-def test_reload_token_from_a_file_or_the_environment(tmp_path, monkeypatch):
-    monkeypatch.delenv(RELOAD_TOKEN_ENV, raising=False)
-    assert reload_token() is None
-    (tmp_path / "token").write_text(TOKEN + "\n")
-    assert reload_token(tmp_path / "token") == TOKEN
-    monkeypatch.setenv(RELOAD_TOKEN_ENV, "short")
-    with pytest.raises(ValueError, match=f"{RELOAD_TOKEN_ENV} holds 5 characters"):
-        reload_token()
-    monkeypatch.setenv(RELOAD_TOKEN_ENV, TOKEN)
-    assert reload_token() == TOKEN
 
 
 def test_penalty_on_an_index_without_popularity_is_a_422(artifacts, tmp_path):

@@ -55,7 +55,8 @@ def _recommend(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from twotower.serve import Limits, reload_token, serve
+    from twotower.access import reload_token
+    from twotower.serve import Limits, serve
 
     limits = Limits(max_k=args.max_k, max_batch=args.max_batch,
                     max_body_bytes=args.max_body_bytes, max_micro_batch=args.micro_batch,

@@ -26,15 +26,12 @@ fastapi and uvicorn are imported only here (``pip install 'twotower[serve]'``).
 # time, and the request models are built per app (they carry its limits).
 import asyncio
 import datetime
-import hmac
-import ipaddress
 import logging
 import os
 import signal
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -53,6 +50,7 @@ from pydantic import (
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from twotower import __version__
+from twotower.access import admin_guard, answered_hosts
 from twotower.recommend import (
     MAX_POPULARITY_PENALTY,
     Query,
@@ -61,9 +59,7 @@ from twotower.recommend import (
     Recommender,
 )
 
-__all__ = ["LOOPBACK_HOSTS", "RELOAD_TOKEN_ENV", "Limits", "MicroBatcher", "create_app",
-           "reload_token", "serve"]
-
+__all__ = ["Limits", "MicroBatcher", "create_app", "serve"]
 
 
 def _unicode_id(value: int | str) -> int | str:
@@ -74,12 +70,6 @@ def _unicode_id(value: int | str) -> int | str:
 
 Id = Annotated[StrictInt | StrictStr, AfterValidator(_unicode_id)]
 log = logging.getLogger("twotower.serve")
-
-RELOAD_TOKEN_ENV = "TWOTOWER_RELOAD_TOKEN"
-MIN_TOKEN_CHARS = 16
-# The Host header values a service bound to loopback answers: a web page that points
-# its own domain at 127.0.0.1 (DNS rebinding) sends its domain instead.
-LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 
 
 @dataclass(frozen=True)
@@ -324,46 +314,6 @@ def _payload(result: Recommendation) -> dict:
     return {"items": result.keys, "scores": result.scores}
 
 
-def reload_token(token_file: str | Path | None = None) -> str | None:
-    """The secret that ``POST /v1/admin/reload`` needs: the content of ``token_file``, else
-    the ``TWOTOWER_RELOAD_TOKEN`` environment variable, else None (no reload over HTTP).
-
-    Raises ``ValueError`` for one too short to be a secret.
-    """
-    if token_file is not None:
-        token, where = Path(token_file).read_text().strip(), f"reload token file {token_file}"
-    elif RELOAD_TOKEN_ENV in os.environ:
-        token, where = os.environ[RELOAD_TOKEN_ENV].strip(), f"${RELOAD_TOKEN_ENV}"
-    else:
-        return None
-    if len(token) < MIN_TOKEN_CHARS:
-        raise ValueError(f"{where} holds {len(token)} characters; use a random secret of at "
-                         f"least {MIN_TOKEN_CHARS}, e.g. from `python -c 'import secrets; "
-                         "print(secrets.token_urlsafe())'`")
-    return token
-
-
-def _admin_guard(token: str) -> Any:
-    """A dependency that lets through only requests with the token and a JSON body (a web
-    page can send a text/plain POST cross-site without asking first)."""
-    expected = token.encode()
-
-    def guard(request: Request) -> None:
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
-                                                                 expected):
-            raise HTTPException(401, [{"loc": ["header", "authorization"],
-                                       "msg": "send the reload token as 'Authorization: "
-                                       "Bearer TOKEN'"}], {"WWW-Authenticate": "Bearer"})
-        media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
-        if media != "application/json":
-            raise HTTPException(415, [{"loc": ["header", "content-type"],
-                                       "msg": "send the header 'content-type: "
-                                       "application/json' (and a body of {} or none)"}])
-
-    return guard
-
-
 def create_app(recommender: Recommender, limits: Limits | None = None,
                reload_token: str | None = None, reload_on_sighup: bool = False,
                allowed_hosts: Sequence[str] | None = None) -> FastAPI:
@@ -474,7 +424,7 @@ def create_app(recommender: Recommender, limits: Limits | None = None,
                 "twotower": __version__}
 
     if reload_token is not None:
-        @app.post("/v1/admin/reload", dependencies=[Depends(_admin_guard(reload_token))])
+        @app.post("/v1/admin/reload", dependencies=[Depends(admin_guard(reload_token))])
         async def admin_reload(body: ReloadRequest | None = None) -> JSONResponse:
             """Re-read the model and index directories the service was started with and swap
             them in without dropping requests; a pair that does not load is refused (409)."""
@@ -487,13 +437,6 @@ def create_app(recommender: Recommender, limits: Limits | None = None,
     return app
 
 
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
 def serve(model_dir: str, index_dir: str, host: str = "127.0.0.1", port: int = 8000,
           limits: Limits | None = None, threads: int | None = None,
           reload_token: str | None = None, allowed_hosts: Sequence[str] = (),
@@ -501,9 +444,8 @@ def serve(model_dir: str, index_dir: str, host: str = "127.0.0.1", port: int = 8
     """Load, check and serve ``model_dir`` with ``index_dir`` until interrupted.
 
     ``threads`` (default: the cores, at most 4) bounds torch and faiss (OpenMP) threads
-    for a batch; the event loop handling HTTP needs a share of the same cores. Bound to
-    loopback, only ``LOOPBACK_HOSTS`` and ``allowed_hosts`` are answered; bound beyond
-    it, ``allowed_hosts`` if given, else any (the proxy in front checks).
+    for a batch; the event loop handling HTTP needs a share of the same cores. The
+    ``Host`` values answered are :func:`twotower.access.answered_hosts`.
     """
     import faiss
     import torch
@@ -514,9 +456,8 @@ def serve(model_dir: str, index_dir: str, host: str = "127.0.0.1", port: int = 8
     threads = threads or min(4, os.cpu_count() or 1)
     torch.set_num_threads(threads)
     faiss.omp_set_num_threads(threads)
-    hosts = [*LOOPBACK_HOSTS, *allowed_hosts] if _is_loopback(host) else allowed_hosts or None
     limits = limits or Limits()
     app = create_app(Recommender.load(model_dir, index_dir), limits, reload_token,
-                     reload_on_sighup=True, allowed_hosts=hosts)
+                     reload_on_sighup=True, allowed_hosts=answered_hosts(host, allowed_hosts))
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False,
                 http=arrival_deadline_protocol(limits.request_timeout_s))
