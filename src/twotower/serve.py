@@ -62,6 +62,13 @@ from twotower.recommend import (
 __all__ = ["Limits", "MicroBatcher", "create_app", "serve"]
 
 
+def _escaped(value: Any) -> Any:
+    """A string with any lone surrogate written as ``\\ud800``: answers are UTF-8, which
+    has no form for one, and a client may send one (JSON allows it) in a field name."""
+    return value.encode("utf-8", "backslashreplace").decode() if isinstance(value, str) \
+        else value
+
+
 def _unicode_id(value: int | str) -> int | str:
     if isinstance(value, str) and _escaped(value) != value:
         raise ValueError("a string id must be valid Unicode (no lone surrogates)")
@@ -279,13 +286,6 @@ class ReloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def _escaped(value: Any) -> Any:
-    """A string with any lone surrogate written as ``\\ud800``: answers are UTF-8, which
-    has no form for one, and a client may send one (JSON allows it) in a field name."""
-    return value.encode("utf-8", "backslashreplace").decode() if isinstance(value, str) \
-        else value
-
-
 def _error(status: int, message: str, loc: tuple = ()) -> JSONResponse:
     return JSONResponse({"detail": [{"loc": [_escaped(part) for part in loc],
                                      "msg": _escaped(message)}]}, status_code=status)
@@ -460,4 +460,4 @@ def serve(model_dir: str, index_dir: str, host: str = "127.0.0.1", port: int = 8
     app = create_app(Recommender.load(model_dir, index_dir), limits, reload_token,
                      reload_on_sighup=True, allowed_hosts=answered_hosts(host, allowed_hosts))
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False,
-                http=arrival_deadline_protocol(limits.request_timeout_s))
+                http=arrival_deadline_protocol(limits.request_timeout_s), ws="none")
