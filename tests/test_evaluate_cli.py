@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tiny_serving import make_model
+from tiny_serving import make_model, without_fingerprint
 from twotower.cli import main
 from twotower.data.synthetic import EPOCH, SECONDS_PER_DAY, SyntheticConfig, generate, write
 from twotower.index import index_items
@@ -84,6 +84,13 @@ def test_index_of_another_model_is_an_error(setup, tmp_path, capsys):
     index_items(other, items, "Flat").save(tmp_path / "ix")
     assert evaluate(setup, tmp_path / "ix") == 2
     assert "was built from another model" in capsys.readouterr().err
+
+
+def test_index_that_records_no_model_is_an_error(setup, tmp_path, capsys):
+    model, _, items = setup
+    index_items(model, items, "Flat").save(tmp_path / "ix")
+    assert evaluate(setup, without_fingerprint(tmp_path / "ix", tmp_path / "unsigned")) == 2
+    assert "records no model fingerprint" in capsys.readouterr().err
 
 
 def test_an_approximate_index_shows_its_loss(setup, tmp_path, capsys):

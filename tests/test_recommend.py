@@ -11,8 +11,9 @@ import pyarrow as pa
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import pytest
+import torch
 
-from tiny_serving import NUM_ITEMS, make_artifacts, make_items, make_model
+from tiny_serving import NUM_ITEMS, make_artifacts, make_items, make_model, without_fingerprint
 from twotower.cli_serving import add_commands
 from twotower.evaluate import embed
 from twotower.features import Bag, EncodedFeatures
@@ -72,6 +73,7 @@ def test_parse_checks_features_and_names_the_field(recommender):
         ({"user_id": 1, "history": 5}, "expected a list", ("features", "history")),
         ({"user_id": 1, "history": [1, {"x": 1}]}, "expected an id", ("features", "history", 1)),
         ({"user_id": 2 ** 64, "history": []}, "64-bit", ("features", "user_id")),
+        ({"user_id": 1, "history": ["\ud800"]}, "valid Unicode", ("features", "history", 0)),
     ]
     for features, message, loc in cases:
         with pytest.raises(QueryError, match=message) as caught:
@@ -79,8 +81,9 @@ def test_parse_checks_features_and_names_the_field(recommender):
         assert caught.value.loc == ("body", *loc)
     with pytest.raises(QueryError, match="k must be a positive integer"):
         recommender.parse({"user_id": 1, "history": []}, k=0)
-    with pytest.raises(QueryError, match="finite"):
-        recommender.parse({"user_id": 1, "history": []}, popularity_penalty=float("nan"))
+    for beta in (float("nan"), 1e39, 10 ** 400, 1000.5):
+        with pytest.raises(QueryError, match="popularity_penalty must be a number from"):
+            recommender.parse({"user_id": 1, "history": []}, popularity_penalty=beta)
     with pytest.raises(QueryError, match="expected an id") as caught:
         recommender.parse({"user_id": 1, "history": []}, exclude=[1.5])
     assert caught.value.loc == ("exclude", 0)
@@ -134,6 +137,21 @@ def test_exclusions_are_removed_and_k_still_filled(recommender):
     assert not set(banned) & set(seen.keys) and len(seen.keys) == 5
 
 
+def test_scores_past_float32_are_a_query_error_not_infinities(recommender):
+    """Finite embeddings whose inner product overflows: a client error, not an answer that
+    cannot be written as JSON."""
+    model = recommender.model
+    huge = Recommender(model, ItemIndex.build(np.full((2, 8), 3e38, np.float32),
+                                              np.arange(2), "Flat"), recommender.config)
+    query = model.query
+    model.query = lambda batch: torch.ones(len(batch["user_id"]), 8)
+    try:
+        with pytest.raises(QueryError, match="non-finite scores for query 0"):
+            huge.recommend_queries([huge.parse({"user_id": 1, "history": []}, k=2)])
+    finally:
+        model.query = query
+
+
 def test_load_rejects_an_index_of_another_model(artifacts, tmp_path):
     model, items, index = artifacts
     other = make_model(tmp_path / "other", seed=1)
@@ -142,6 +160,8 @@ def test_load_rejects_an_index_of_another_model(artifacts, tmp_path):
     wide = make_model(tmp_path / "wide", output_dim=12)
     with pytest.raises(ValueError, match="12"):
         Recommender(Recommender.load(model, index).model, index_items(wide, items))
+    with pytest.raises(ValueError, match="records no model fingerprint"):
+        Recommender.load(model, without_fingerprint(index, tmp_path / "unsigned"))
     with pytest.raises(FileNotFoundError, match="not an index directory"):
         Recommender.load(model, tmp_path)
     with pytest.raises(FileNotFoundError, match="not a model directory"):

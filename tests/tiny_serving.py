@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -49,3 +51,13 @@ def make_artifacts(root: Path, seed: int = 0) -> tuple[Path, Path, Path]:
     items = make_items(root / "items.parquet")
     index = index_items(model, items).save(root / "index")
     return model, items, index
+
+
+def without_fingerprint(index_dir: Path, out: Path) -> Path:
+    """A copy of an index directory whose ``index.json`` has no ``info`` section, so it
+    records no model fingerprint."""
+    shutil.copytree(index_dir, out)
+    meta = json.loads((out / "index.json").read_text())
+    del meta["info"]
+    (out / "index.json").write_text(json.dumps(meta))
+    return out

@@ -45,7 +45,7 @@ import numpy as np
 from twotower.checkpoint import save_model
 from twotower.data.interactions import Columns
 from twotower.experiment import default_model_config
-from twotower.index import ItemIndex
+from twotower.index import ItemIndex, model_fingerprint
 from twotower.recommend import Recommender
 from twotower.towers import TwoTowerModel
 
@@ -111,7 +111,8 @@ def build(workdir: Path, num_items: int, clusters: int, seed: int) -> dict:
     started = time.perf_counter()
     index = ItemIndex.build(vectors, np.arange(num_items), "auto", log_popularity=log_p,
                             recall_queries=queries, recall_penalties=(0.0, 0.05),
-                            info={"synthetic": True})
+                            info={"synthetic": True,
+                                  "model_fingerprint": model_fingerprint(workdir / "model")})
     seconds = time.perf_counter() - started
     index.save(workdir / "index")
     log(f"built {index.factory} in {seconds:.0f} s: {index.meta['recall']}, "
@@ -283,7 +284,7 @@ def start_server(workdir: Path, port: int, args: argparse.Namespace) -> subproce
     for _ in range(1200):
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                s.sendall(b"GET /readyz HTTP/1.1\r\nhost: x\r\n\r\n")
+                s.sendall(b"GET /readyz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
                 if b" 200 " in s.recv(1024):
                     return server
         except OSError:

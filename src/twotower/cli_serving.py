@@ -55,16 +55,19 @@ def _recommend(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from twotower.access import reload_token
     from twotower.serve import Limits, serve
 
     limits = Limits(max_k=args.max_k, max_batch=args.max_batch,
                     max_body_bytes=args.max_body_bytes, max_micro_batch=args.micro_batch,
-                    max_wait_ms=args.max_wait_ms)
+                    max_wait_ms=args.max_wait_ms, request_timeout_s=args.request_timeout)
+    token = reload_token(args.reload_token_file)
     print(json.dumps({"serving": args.model, "index": str(_index_dir(args)),
-                      "url": f"http://{args.host}:{args.port}", "docs": "/docs"}),
+                      "url": f"http://{args.host}:{args.port}", "docs": "/docs",
+                      "reload": "SIGHUP" + (", POST /v1/admin/reload" if token else "")}),
           file=sys.stderr)
     serve(args.model, str(_index_dir(args)), args.host, args.port, limits, args.threads,
-          allow_reload=not args.no_reload, log_level=args.log_level)
+          token, args.allowed_host, log_level=args.log_level)
     return 0
 
 
@@ -121,6 +124,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                    help="how long a batch waits for more requests after its first")
     p.add_argument("--threads", type=int,
                    help="torch and faiss threads per batch (default: the cores, at most 4)")
-    p.add_argument("--no-reload", action="store_true", help="disable /v1/admin/reload")
+    p.add_argument("--request-timeout", type=float, default=10.0,
+                   help="seconds a request's headers and body may take to arrive (then 408)")
+    p.add_argument("--reload-token-file",
+                   help="enable POST /v1/admin/reload for clients sending the secret in this "
+                   "file as a bearer token (or set $TWOTOWER_RELOAD_TOKEN); off by default")
+    p.add_argument("--allowed-host", action="append", default=[],
+                   help="a Host header value to answer besides localhost/127.0.0.1/[::1] "
+                   "(repeatable; bound beyond loopback, default: any)")
     p.add_argument("--log-level", default="warning")
     p.set_defaults(run=_serve)

@@ -39,8 +39,8 @@ import numpy as np
 
 from twotower.checkpoint import WEIGHTS, atomic_write, fresh_directory, versions
 
-__all__ = ["EXACT_BELOW", "RECALL_K", "ItemIndex", "choose_factory", "index_items",
-           "model_fingerprint", "recall_at_k"]
+__all__ = ["EXACT_BELOW", "RECALL_K", "ItemIndex", "check_built_from", "choose_factory",
+           "index_items", "model_fingerprint", "recall_at_k"]
 
 KEYS = "keys.npy"
 FAISS = "index.faiss"
@@ -351,6 +351,22 @@ def model_fingerprint(model_dir: str | Path) -> str:
         while chunk := f.read(1 << 22):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def check_built_from(index: ItemIndex, model_dir: str | Path, where: str) -> None:
+    """Raise ``ValueError`` unless ``index`` records the fingerprint of ``model_dir``'s weights.
+
+    An index that records none is refused too: nothing then ties its vectors to this
+    model, and serving another model's vectors gives confident nonsense.
+    """
+    info = index.meta.get("info")
+    built_from = info.get("model_fingerprint") if isinstance(info, dict) else None
+    rebuild = f"rebuild it with `twotower index {model_dir} --items ITEMS`"
+    if built_from is None:
+        raise ValueError(f"{where} records no model fingerprint; {rebuild}")
+    if built_from != model_fingerprint(model_dir):
+        raise ValueError(f"{where} was built from another model than {model_dir} (or from an "
+                         f"earlier state of it, before more training); {rebuild}")
 
 
 def index_items(model_dir: str | Path, items: str | Path, factory: str = "auto",

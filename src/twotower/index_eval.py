@@ -19,7 +19,7 @@ from twotower.data.history import seen_before
 from twotower.evaluate import Rankings, embed, index_rankings, retrieval_metrics
 from twotower.experiment import Prepared
 from twotower.features import Bag
-from twotower.index import ItemIndex, model_fingerprint
+from twotower.index import ItemIndex, check_built_from
 from twotower.towers import TwoTowerModel
 
 __all__ = ["aligned_index_rows", "check_index", "format_side_by_side", "index_score"]
@@ -61,16 +61,12 @@ def aligned_index_rows(index: ItemIndex, item_keys: np.ndarray, where: str,
 def check_index(index: ItemIndex, model: TwoTowerModel, model_dir: str | Path,
                 where: str) -> None:
     """The index holds this model's item embeddings: its width, and the fingerprint of the
-    weights it was built from (when it recorded one)."""
+    weights it was built from."""
     if index.dim != model.config.output_dim:
         raise ValueError(f"{where} holds {index.dim}-dim embeddings but {model_dir} outputs "
                          f"{model.config.output_dim}; rebuild it with `twotower index "
                          f"{model_dir} --items ITEMS`")
-    built_from = index.meta.get("info", {}).get("model_fingerprint")
-    if built_from is not None and built_from != model_fingerprint(model_dir):
-        raise ValueError(f"{where} was built from another model than {model_dir} (or from an "
-                         "earlier state of it, before more training); rebuild it with "
-                         f"`twotower index {model_dir} --items ITEMS`")
+    check_built_from(index, model_dir, where)
 
 
 def index_score(model: TwoTowerModel, prepared: Prepared, index: ItemIndex,

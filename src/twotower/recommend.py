@@ -12,7 +12,7 @@ candidates and dropping them, the penalty rides in the query vector (see
 from __future__ import annotations
 
 import json
-import math
+import reprlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,13 +25,16 @@ from twotower.checkpoint import METRICS, load_model
 from twotower.evaluate import embed
 from twotower.features import Bag, EncodedFeatures, FeatureSpec, bag_from_arrow
 from twotower.hashing import to_int64_ids
-from twotower.index import ItemIndex, model_fingerprint
+from twotower.index import ItemIndex, check_built_from
 from twotower.towers import TwoTowerModel
 
-__all__ = ["Query", "QueryError", "Recommendation", "Recommender", "read_queries",
-           "recommend_file"]
+__all__ = ["MAX_POPULARITY_PENALTY", "Query", "QueryError", "Recommendation", "Recommender",
+           "read_queries", "recommend_file"]
 
 _INT64 = (-(2 ** 63), 2 ** 63 - 1)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+# Beyond this the penalty alone decides the ranking; the bound keeps scores finite in float32.
+MAX_POPULARITY_PENALTY = 1000.0
 
 
 class QueryError(ValueError):
@@ -67,14 +70,14 @@ def _ids(values: object, loc: Sequence[str | int]) -> np.ndarray:
     out = np.empty(len(values), np.int64)
     strings = []
     for i, value in enumerate(values):
-        if isinstance(value, str):
+        if isinstance(value, str) and _is_unicode(value):
             strings.append(i)
         elif isinstance(value, int) and not isinstance(value, bool) and \
                 _INT64[0] <= value <= _INT64[1]:
             out[i] = value
         else:
-            raise QueryError(f"expected an id (a 64-bit integer or a string), got {value!r}",
-                             (*loc, i))
+            raise QueryError("expected an id (a 64-bit integer or a string of valid Unicode), "
+                             f"got {reprlib.repr(value)}", (*loc, i))
     if strings:
         out[strings] = to_int64_ids(np.array([values[i] for i in strings], dtype=object))
     return out
@@ -82,19 +85,32 @@ def _ids(values: object, loc: Sequence[str | int]) -> np.ndarray:
 
 def _id(value: object, loc: Sequence[str | int]) -> int:
     if isinstance(value, list):
-        raise QueryError(f"expected one id (an integer or a string), got a list {value!r}", loc)
+        raise QueryError("expected one id (an integer or a string), got a list "
+                         f"{reprlib.repr(value)}", loc)
     try:
         return int(_ids([value], loc)[0])
     except QueryError as error:
         raise QueryError(str(error), loc) from None
 
 
+def _is_unicode(text: str) -> bool:
+    """False for a string with a lone surrogate (JSON allows ``"\\ud800"``): it has no
+    UTF-8 form to hash."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _numbers(value: object, width: int, loc: Sequence[str | int]) -> np.ndarray:
     values = value if isinstance(value, list) else [value]
+    # abs() <= max also refuses NaN and infinities, and compares huge ints exactly.
     if len(values) != width or not all(
-            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            isinstance(v, int | float) and not isinstance(v, bool) and abs(v) <= _FLOAT32_MAX
             for v in values):
-        raise QueryError(f"expected {width} finite number(s), got {value!r}", loc)
+        raise QueryError(f"expected {width} number(s) within float32 range, got "
+                         f"{reprlib.repr(value)}", loc)
     return np.asarray(values, np.float32)
 
 
@@ -108,12 +124,21 @@ def _history_features(model: TwoTowerModel, config: Mapping) -> list[str]:
 
 
 def _last_records(path: Path) -> dict[str, dict]:
-    """The last training record and the last evaluation record of a metrics log."""
+    """The last training record and the last evaluation record of a metrics log.
+
+    Only complete lines are read (a trainer may be appending one right now), and a line
+    that is not a JSON object is passed over: this is a report, not a check of the log.
+    """
     found: dict[str, dict] = {}
     if path.exists():
-        for line in path.read_text().splitlines():
-            record = json.loads(line) if line.strip() else {}
-            found["eval" if record.get("event") == "eval" else "train"] = record
+        *complete, _ = path.read_bytes().split(b"\n")
+        for line in complete:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                found["eval" if record.get("event") == "eval" else "train"] = record
     return found
 
 
@@ -145,10 +170,7 @@ class Recommender:
         """
         model, _, config = load_model(model_dir)
         index = ItemIndex.load(index_dir)
-        built_from = index.meta.get("info", {}).get("model_fingerprint")
-        if built_from is not None and built_from != model_fingerprint(model_dir):
-            raise ValueError(f"index {index_dir} was built from another model than "
-                             f"{model_dir}; rebuild it with `twotower index`")
+        check_built_from(index, model_dir, f"index {index_dir}")
         recommender = cls(model, index, config, model_dir, index_dir)
         recommender.warm_up()
         return recommender
@@ -172,7 +194,8 @@ class Recommender:
 
         ``exclude_history`` also excludes the items of the history features. Raises
         :class:`QueryError` naming the field (under ``loc``) for unknown or missing
-        features and wrong types.
+        features, wrong types and values out of range (``|popularity_penalty|`` at most
+        ``MAX_POPULARITY_PENALTY``).
         """
         unknown = sorted(set(features) - self.fields)
         if unknown:
@@ -195,9 +218,13 @@ class Recommender:
             else:
                 parsed[spec.name] = _numbers(value, spec.width, where)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise QueryError(f"k must be a positive integer, got {k!r}", (*loc, "k"))
-        if not math.isfinite(popularity_penalty):
-            raise QueryError("popularity_penalty must be finite", (*loc, "popularity_penalty"))
+            raise QueryError(f"k must be a positive integer, got {reprlib.repr(k)}", (*loc, "k"))
+        if isinstance(popularity_penalty, bool) or not isinstance(popularity_penalty,
+                                                                  int | float) \
+                or not abs(popularity_penalty) <= MAX_POPULARITY_PENALTY:
+            raise QueryError(f"popularity_penalty must be a number from "
+                             f"-{MAX_POPULARITY_PENALTY:g} to {MAX_POPULARITY_PENALTY:g}",
+                             (*loc, "popularity_penalty"))
         if popularity_penalty and self.index.popularity is None:
             raise QueryError("this index has no popularity column, so popularity_penalty must "
                              "be 0 (rebuild it from a model with a frequency estimator)",
@@ -258,6 +285,9 @@ class Recommender:
             if exclude is not None and len(exclude[i]):
                 keep &= ~np.isin(keys[i], exclude[i])
             chosen = np.flatnonzero(keep)[:ks[i]]
+            if not np.isfinite(scores[i, chosen]).all():  # finite vectors, overflowing product
+                raise QueryError(f"the model gives non-finite scores for query {i}; check its "
+                                 "dense features")
             labels = keys[i, chosen].tolist() if self.index.labels is None else \
                 [self.index.labels[r] for r in rows[i, chosen]]
             # float32 scores: more digits would be noise (and cost JSON encoding time).
@@ -266,13 +296,18 @@ class Recommender:
         return results
 
     def describe(self) -> dict:
-        """What the service reports at ``/v1/model``: versions, corpus, index, metrics."""
+        """What the service reports at ``/v1/model``: versions, corpus, index, metrics.
+
+        No paths: a client has no business knowing the server's file layout.
+        """
         config = self.model.config
         metrics = _last_records(Path(self.model_dir) / METRICS) if self.model_dir else {}
         index = self.index.describe()
+        info = index["info"] if isinstance(index["info"], dict) else {}
+        index["info"] = {key: info.get(key) for key in ("model_fingerprint", "model_versions")}
         return {
             "model": {
-                "dir": self.model_dir, "versions": self.config.get("versions"),
+                "versions": self.config.get("versions"),
                 "output_dim": config.output_dim, "temperature": config.temperature,
                 "query_features": [s.to_dict() for s in self.specs],
                 "item_features": [s.to_dict() for s in config.item_features],
@@ -280,7 +315,7 @@ class Recommender:
                 "train": self.config.get("train"), "columns": self.config.get("columns"),
                 "metrics": metrics,
             },
-            "index": {"dir": self.index_dir, "corpus_size": len(self.index),
+            "index": {"corpus_size": len(self.index),
                       "kind": "exact" if self.index.factory == "Flat" else "approximate",
                       "recall@100": self.index.recall,
                       "popularity_penalty": self.index.popularity is not None, **index},

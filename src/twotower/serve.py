@@ -7,13 +7,17 @@ The HTTP layer only checks requests and shapes answers; ranking is
   query-tower forward and one index search per batch. A batch is closed when it holds
   ``max_micro_batch`` queries or ``max_wait_ms`` after its first request, and runs in a
   worker thread so the event loop keeps accepting requests meanwhile.
-- Swap without downtime: ``POST /v1/admin/reload`` (or SIGHUP under ``twotower serve``)
-  loads the new model and index off to the side, answers a query with them, and only
-  then replaces the one reference requests read. A request keeps the recommender it
-  started with; a broken directory is refused and the old model keeps serving.
+- Swap without downtime: SIGHUP under ``twotower serve`` (or ``POST /v1/admin/reload``
+  when the operator set a reload token) re-reads the model and index directories the
+  service was started with, off to the side, answers a query with them, and only then
+  replaces the one reference requests read. A request keeps the recommender it started
+  with; a pair that does not load is refused, the reason goes to the server log only,
+  and the old model keeps serving. No request names a path on the server.
 - Clear client errors: malformed JSON is a 400, a body over ``max_body_bytes`` a 413,
   a body not sent as JSON a 415, anything else wrong (unknown or missing features, wrong
   types, ``k`` or a batch over its limit) a 422 whose ``loc`` names the field.
+- Bounded waiting: a request's headers and body must arrive within
+  ``request_timeout_s`` (:mod:`twotower.arrival`), or the client gets a 408.
 
 fastapi and uvicorn are imported only here (``pip install 'twotower[serve]'``).
 """
@@ -22,22 +26,57 @@ fastapi and uvicorn are imported only here (``pip install 'twotower[serve]'``).
 # time, and the request models are built per app (they carry its limits).
 import asyncio
 import datetime
+import logging
+import os
 import signal
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+)
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from twotower import __version__
-from twotower.recommend import Query, QueryError, Recommendation, Recommender
+from twotower.access import admin_guard, answered_hosts
+from twotower.recommend import (
+    MAX_POPULARITY_PENALTY,
+    Query,
+    QueryError,
+    Recommendation,
+    Recommender,
+)
 
 __all__ = ["Limits", "MicroBatcher", "create_app", "serve"]
 
-Id = StrictInt | StrictStr
+
+def _escaped(value: Any) -> Any:
+    """A string with any lone surrogate written as ``\\ud800``: answers are UTF-8, which
+    has no form for one, and a client may send one (JSON allows it) in a field name."""
+    return value.encode("utf-8", "backslashreplace").decode() if isinstance(value, str) \
+        else value
+
+
+def _unicode_id(value: int | str) -> int | str:
+    if isinstance(value, str) and _escaped(value) != value:
+        raise ValueError("a string id must be valid Unicode (no lone surrogates)")
+    return value
+
+
+Id = Annotated[StrictInt | StrictStr, AfterValidator(_unicode_id)]
+log = logging.getLogger("twotower.serve")
 
 
 @dataclass(frozen=True)
@@ -50,7 +89,8 @@ class Limits:
     max_body_bytes: int = 1 << 20
     max_micro_batch: int = 256  # queries in one forward + search
     max_wait_ms: float = 1.0
-    timeout_s: float = 30.0
+    timeout_s: float = 30.0  # for an answer, once the request has arrived
+    request_timeout_s: float = 10.0  # for a request's headers and body to arrive
 
 
 class MicroBatcher:
@@ -217,8 +257,10 @@ def _request_models(limits: Limits) -> tuple[type[BaseModel], type[BaseModel]]:
         exclude: list[Id] = Field([], max_length=limits.max_exclude,
                                   description="item keys never to return")
         exclude_history: StrictBool = Field(False, description="also exclude history items")
+        # Range checked by Recommender.parse (pydantic's own check overflows on a huge int).
         popularity_penalty: StrictFloat | StrictInt = Field(
-            0.0, allow_inf_nan=False, description="beta: rank by <u, v> - beta log p_hat(item)")
+            0.0, description="beta: rank by <u, v> - beta log p_hat(item), |beta| <= "
+            f"{MAX_POPULARITY_PENALTY:g}")
 
     class BatchRequest(BaseModel):
         """Many queries, answered in order."""
@@ -239,13 +281,14 @@ class BatchResponse(BaseModel):
 
 
 class ReloadRequest(BaseModel):
+    """No fields: a reload re-reads the directories the service was started with."""
+
     model_config = ConfigDict(extra="forbid")
-    model_dir: str | None = Field(None, description="default: the current model directory")
-    index_dir: str | None = Field(None, description="default: the current index directory")
 
 
 def _error(status: int, message: str, loc: tuple = ()) -> JSONResponse:
-    return JSONResponse({"detail": [{"loc": list(loc), "msg": message}]}, status_code=status)
+    return JSONResponse({"detail": [{"loc": [_escaped(part) for part in loc],
+                                     "msg": _escaped(message)}]}, status_code=status)
 
 
 def _query(recommender: Recommender, request: Any, loc: tuple) -> Query:
@@ -260,7 +303,7 @@ def _query(recommender: Recommender, request: Any, loc: tuple) -> Query:
     elif request.user is not None or request.history is not None:
         raise QueryError("give either features or user and history, not both", loc)
     return recommender.parse(features, request.k, request.exclude, request.exclude_history,
-                             float(request.popularity_penalty), loc)
+                             request.popularity_penalty, loc)
 
 
 def _now() -> str:
@@ -272,40 +315,49 @@ def _payload(result: Recommendation) -> dict:
 
 
 def create_app(recommender: Recommender, limits: Limits | None = None,
-               allow_reload: bool = True, reload_on_sighup: bool = False) -> FastAPI:
-    """The service for ``recommender``; the OpenAPI description is at ``/openapi.json``."""
+               reload_token: str | None = None, reload_on_sighup: bool = False,
+               allowed_hosts: Sequence[str] | None = None) -> FastAPI:
+    """The service for ``recommender``; the OpenAPI description is at ``/openapi.json``.
+
+    A reload (``POST /v1/admin/reload`` with ``reload_token``, SIGHUP with
+    ``reload_on_sighup``) re-reads the directories ``recommender`` was loaded from.
+    ``allowed_hosts`` (default: any) are the ``Host`` header values answered.
+    """
     limits = limits or Limits()
+    directories = (recommender.model_dir, recommender.index_dir)
+    if (reload_token is not None or reload_on_sighup) and None in directories:
+        raise ValueError("a reload re-reads the model and index directories, but this "
+                         "recommender was not loaded from directories")
     RecommendRequest, BatchRequest = _request_models(limits)
     batcher = MicroBatcher(limits.max_micro_batch, limits.max_wait_ms / 1000)
     state: dict[str, Any] = {"recommender": recommender, "ready": True, "reloads": 0,
                              "loaded_at": _now(), "lock": None, "tasks": set()}
 
-    async def reload(model_dir: str | None, index_dir: str | None) -> JSONResponse:
+    async def reload() -> JSONResponse:
         if state["lock"] is None:
             state["lock"] = asyncio.Lock()
         async with state["lock"]:
-            current = state["recommender"]
-            model_dir, index_dir = model_dir or current.model_dir, index_dir or current.index_dir
-            if model_dir is None or index_dir is None:
-                return _error(422, "name model_dir and index_dir: the running model was not "
-                              "loaded from directories")
             try:
-                fresh = await asyncio.to_thread(Recommender.load, model_dir, index_dir)
+                fresh = await asyncio.to_thread(Recommender.load, *directories)
             except Exception as error:  # whatever is wrong with the new one, keep the old one
-                return _error(422, f"reload refused, still serving {current.model_dir}: "
-                              f"{type(error).__name__}: {error}")
+                log.warning("reload refused, still serving the previous model: %s: %s",
+                            type(error).__name__, error)
+                return _error(409, "reload refused: the model and index directories do not "
+                              "load as a matching pair; still serving the previous model "
+                              "(the server log says why)")
             state["recommender"] = fresh
             state["reloads"] += 1
             state["loaded_at"] = _now()
-            return JSONResponse({"status": "reloaded", "model_dir": model_dir,
-                                 "index_dir": index_dir, "corpus_size": len(fresh.index)})
+            log.info("reloaded the model and index directories (reload %d)", state["reloads"])
+            return JSONResponse({"status": "reloaded", "corpus_size": len(fresh.index),
+                                 "reloads": state["reloads"]})
 
     async def lifespan(app: FastAPI):
         if reload_on_sighup:
             loop = asyncio.get_running_loop()
 
             def on_sighup() -> None:
-                task = loop.create_task(reload(None, None))
+                task = loop.create_task(reload())
                 state["tasks"].add(task)
                 task.add_done_callback(state["tasks"].discard)
 
@@ -319,8 +371,8 @@ def create_app(recommender: Recommender, limits: Limits | None = None,
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
-        errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]}
-                  for e in error.errors()]
+        errors = [{"loc": [_escaped(part) for part in e["loc"]], "msg": _escaped(e["msg"]),
+                   "type": e["type"]} for e in error.errors()]
         if "json" not in request.headers.get("content-type", ""):
             return _error(415, "send the body as JSON, with the header 'content-type: "
                           "application/json'", ("header", "content-type"))
@@ -371,35 +423,41 @@ def create_app(recommender: Recommender, limits: Limits | None = None,
                 "loaded_at": state["loaded_at"], "reloads": state["reloads"],
                 "twotower": __version__}
 
-    if allow_reload:
-        @app.post("/v1/admin/reload")
+    if reload_token is not None:
+        @app.post("/v1/admin/reload", dependencies=[Depends(admin_guard(reload_token))])
         async def admin_reload(body: ReloadRequest | None = None) -> JSONResponse:
-            """Load a new model and index (default: the same directories again) and swap
-            them in without dropping requests; a broken one is refused with a 422."""
-            body = body or ReloadRequest()
-            return await reload(body.model_dir, body.index_dir)
+            """Re-read the model and index directories the service was started with and swap
+            them in without dropping requests; a pair that does not load is refused (409)."""
+            return await reload()
 
     app.add_middleware(_BodyLimit, limit=limits.max_body_bytes)
+    if allowed_hosts is not None:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts),
+                           www_redirect=False)
     return app
 
 
 def serve(model_dir: str, index_dir: str, host: str = "127.0.0.1", port: int = 8000,
           limits: Limits | None = None, threads: int | None = None,
-          allow_reload: bool = True, log_level: str = "warning") -> None:
+          reload_token: str | None = None, allowed_hosts: Sequence[str] = (),
+          log_level: str = "warning") -> None:
     """Load, check and serve ``model_dir`` with ``index_dir`` until interrupted.
 
     ``threads`` (default: the cores, at most 4) bounds torch and faiss (OpenMP) threads
-    for a batch; the event loop handling HTTP needs a share of the same cores.
+    for a batch; the event loop handling HTTP needs a share of the same cores. The
+    ``Host`` values answered are :func:`twotower.access.answered_hosts`.
     """
-    import os
-
     import faiss
     import torch
     import uvicorn
 
+    from twotower.arrival import arrival_deadline_protocol
+
     threads = threads or min(4, os.cpu_count() or 1)
     torch.set_num_threads(threads)
     faiss.omp_set_num_threads(threads)
-    app = create_app(Recommender.load(model_dir, index_dir), limits, allow_reload,
-                     reload_on_sighup=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+    limits = limits or Limits()
+    app = create_app(Recommender.load(model_dir, index_dir), limits, reload_token,
+                     reload_on_sighup=True, allowed_hosts=answered_hosts(host, allowed_hosts))
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False,
+                http=arrival_deadline_protocol(limits.request_timeout_s), ws="none")
