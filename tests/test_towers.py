@@ -115,7 +115,7 @@ def test_no_features(side):
         make_config(**{f"{side}_features": []})
 
 
-@pytest.mark.parametrize("temperature", [0.0, -0.05])
+@pytest.mark.parametrize("temperature", [0.0, -0.05, float("nan"), float("inf")])
 def test_temperature_must_be_positive(temperature):
-    with pytest.raises(ValueError, match="temperature must be > 0"):
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
         make_config(temperature=temperature)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -110,7 +111,7 @@ def _train_new(args: argparse.Namespace) -> int:
     kind, params = _split_choice(args, schema, {})
     if kind == "none":
         kind = None
-    config = TrainConfig(batch_size=args.batch_size, epochs=args.epochs,
+    config = TrainConfig(batch_size=args.batch_size, epochs=args.epochs or 1,
                          learning_rate=args.lr, correction=args.correction, seed=args.seed,
                          shuffle=(args.order or "shuffled") == "shuffled",
                          patience=args.patience, mixed_negatives=args.mixed_negatives)
@@ -174,6 +175,12 @@ def _train(args: argparse.Namespace) -> int:
     return status
 
 
+def _epochs(args: argparse.Namespace) -> dict:
+    """``--epochs`` as a change to a resumed run: none unless given, so that rerunning a
+    killed command goes on with the epochs it was started with."""
+    return {} if args.epochs is None else {"epochs": args.epochs}
+
+
 def _train_rows(args: argparse.Namespace, schema, interactions):
     """The rows of a log in memory to train on: all, or the train part of the split."""
     import numpy as np
@@ -198,7 +205,7 @@ def _resume(args: argparse.Namespace) -> int:
 
     trainer = Trainer.resume(args.resume, out_dir=args.out, device=args.device,
                              checkpoint_every=args.checkpoint_every, progress=not args.quiet,
-                             epochs=args.epochs)
+                             **_epochs(args))
     args.model = args.resume  # how messages name the stored schema
     schema = _schema(args, trainer.extra)
     if args.until is not None:
@@ -239,13 +246,13 @@ def _follow(args: argparse.Namespace) -> int:
     options = {"device": args.device, "checkpoint_every": args.checkpoint_every,
                "progress": not args.quiet}
     if checkpoint_dirs(out):  # a follow restarted: go on where it stopped
-        trainer = Trainer.resume(out, epochs=args.epochs, **options)
+        trainer = Trainer.resume(out, **_epochs(args), **options)
         columns = Columns(**{**trainer.extra["columns"],
                              "item_features": tuple(trainer.extra["columns"]["item_features"])})
     else:
         columns = _schema(args).columns() if args.schema else _flag_columns(args)
         torch.manual_seed(args.seed)
-        config = TrainConfig(batch_size=args.batch_size, epochs=args.epochs,
+        config = TrainConfig(batch_size=args.batch_size, epochs=args.epochs or 1,
                              learning_rate=args.lr, correction=args.correction, seed=args.seed)
         trainer = Trainer(TwoTowerModel(default_model_config(columns)), config, out_dir=out,
                           extra={"columns": asdict(columns)}, **options)
@@ -359,7 +366,7 @@ def _split_arguments(parser: argparse.ArgumentParser, none: bool) -> None:
                              "default: the schema's split" + (", else none" if none else
                                                               ", else the model's"))
     parser.add_argument("--cutoff", type=int, help="time split: test on events at or after this")
-    parser.add_argument("--test-fraction", type=float,
+    parser.add_argument("--test-fraction", type=_positive(1),
                         help="time split: the cut-off that leaves this share of events to test")
 
 
@@ -369,6 +376,19 @@ def _at_least(low: int):
         value = int(text)
         if value < low:
             raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return parse
+
+
+def _positive(high: float = math.inf):
+    """An argparse type: a finite number above 0 (and below ``high``), so that a NaN or an
+    infinity is refused before anything is read, not trained into a NaN model."""
+    def parse(text: str) -> float:
+        value = float(text)
+        if not (math.isfinite(value) and 0 < value < high):
+            bound = "" if high == math.inf else f" and below {high:g}"
+            raise argparse.ArgumentTypeError(f"must be a finite number above 0{bound}, got "
+                                             f"{text}")
         return value
     return parse
 
@@ -390,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--items", type=int, default=20000)
     p.add_argument("--days", type=int, default=14)
     p.add_argument("--events-per-day", type=int, default=30000)
-    p.add_argument("--exponent", type=float, default=0.8, help="item popularity power law")
+    p.add_argument("--exponent", type=_positive(), default=0.8, help="item popularity power law")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_synth)
 
@@ -399,15 +419,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="twotower-compare", help="output directory")
     p.add_argument("--modes", nargs="+", choices=["none", "streaming", "oracle"],
                    default=["none", "streaming", "oracle"])
-    p.add_argument("--temperatures", nargs="+", type=float, default=[0.05])
+    p.add_argument("--temperatures", nargs="+", type=_positive(), default=[0.05])
     p.add_argument("--ks", nargs="+", type=int, default=[10, 50, 100], metavar="K",
                    help="cut-offs to evaluate at (recall@K, ndcg@K, ...)")
-    p.add_argument("--runs", type=int, default=1, help="seeds per run (mean and spread)")
+    p.add_argument("--runs", type=_at_least(1), default=1,
+                   help="seeds per run (mean and spread)")
     p.add_argument("--exclude-seen", action="store_true",
                    help="drop items the user interacted with before from each ranking")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=1024)
-    p.add_argument("--lr", type=float, default=0.005)
+    p.add_argument("--epochs", type=_at_least(1), default=1)
+    p.add_argument("--batch-size", type=_at_least(2), default=1024)
+    p.add_argument("--lr", type=_positive(100), default=0.005)
     p.add_argument("--seed", type=int, default=0, help="first seed")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=_compare)
@@ -415,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("simulate",
                             help="the paper's simulation of the streaming frequency estimator")
     p.add_argument("--out", default="twotower-simulate", help="output directory")
-    p.add_argument("--steps", type=int, default=10_000)
+    p.add_argument("--steps", type=_at_least(1), default=10_000)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_simulate)
 
@@ -430,11 +451,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on DIR's partitions (a file or folder per day, name order = "
                         "time order), checkpoint after each, and wait for the next; "
                         "SIGINT/SIGTERM stop with a final checkpoint; needs --items")
-    p.add_argument("--poll", type=float, default=30.0,
+    p.add_argument("--poll", type=_positive(), default=30.0,
                    help="with --follow: seconds between looks for a new partition")
-    p.add_argument("--checkpoint-every", type=int, default=1000, metavar="STEPS",
+    p.add_argument("--checkpoint-every", type=_at_least(0), default=1000, metavar="STEPS",
                    help="also checkpoint every STEPS steps (0: only at the end)")
-    p.add_argument("--nproc", type=int, default=1,
+    p.add_argument("--nproc", type=_at_least(1), default=1,
                    help="processes on this machine (PyTorch distributed: gloo on CPU, NCCL "
                         "on GPUs; the same as torchrun --nproc-per-node N -m twotower train)")
     p.add_argument("--device", default="auto",
@@ -446,7 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="without --schema; '' for no reward column")
     p.add_argument("--item-features", nargs="*", default=["channel", "category"],
                    help="without --schema")
-    p.add_argument("--history", type=int, default=20, help="without --schema: history length")
+    p.add_argument("--history", type=_at_least(0), default=20,
+                   help="without --schema: history length")
     _split_arguments(p, none=True)
     p.add_argument("--until", type=int, help="train only on events before this time "
                                              "(same as --split time --cutoff)")
@@ -454,21 +476,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read the events in record batches (files sorted by time)")
     p.add_argument("--correction", choices=["none", "streaming", "oracle"],
                    default="streaming")
-    p.add_argument("--epochs", type=int, default=1,
-                   help="epochs; with validation events in the split, the most epochs")
+    p.add_argument("--epochs", type=_at_least(1),
+                   help="epochs (default 1); with validation events in the split, the most "
+                   "epochs; with --resume, epochs in all on these events (default: the "
+                   "model's), so a model trained on a log trains further on it")
     p.add_argument("--order", choices=["shuffled", "time"],
                    help="batches drawn in a new random order every epoch (default for a new "
                    "model) or in time order, one pass as the paper trains (default for "
                    "--resume and --follow)")
-    p.add_argument("--mixed-negatives", type=int, default=0, metavar="N",
+    p.add_argument("--mixed-negatives", type=_at_least(0), default=0, metavar="N",
                    help="add N items drawn uniformly from the whole corpus to every batch's "
                    "candidates, each corrected by its own sampling probability")
-    p.add_argument("--patience", type=int, default=3,
+    p.add_argument("--patience", type=_at_least(1), default=3,
                    help="with validation events: stop after this many epochs without a new "
                    "best validation recall@50, keeping the best epoch")
-    p.add_argument("--batch-size", type=int, default=1024)
-    p.add_argument("--lr", type=float, default=0.005)
-    p.add_argument("--temperature", type=float, help="default: the schema's (0.05)")
+    p.add_argument("--batch-size", type=_at_least(2), default=1024)
+    p.add_argument("--lr", type=_positive(100), default=0.005)  # as TrainConfig checks
+    p.add_argument("--temperature", type=_positive(), help="default: the schema's (0.05)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=_train)

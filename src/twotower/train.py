@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import signal
 import threading
 import time
@@ -37,6 +38,7 @@ from tqdm.auto import tqdm
 from twotower.checkpoint import (
     CHECKPOINTS,
     METRICS,
+    checkpoint_dirs,
     load_checkpoint,
     load_model,
     save_checkpoint,
@@ -57,12 +59,15 @@ from twotower.negatives import uniform_negatives
 from twotower.towers import TwoTowerModel
 from twotower.validation import EarlyStopping, Validation
 
-__all__ = ["CORRECTIONS", "Position", "TrainConfig", "Trainer", "TrainingData", "TrainingStopped",
-           "fit_and_save", "input_name", "make_optimizers", "oracle_log_q", "stop_on_signals",
-           "train"]
+__all__ = ["CORRECTIONS", "Position", "TrainConfig", "Trainer", "TrainingData",
+           "TrainingDiverged", "TrainingStopped", "fit_and_save", "input_name",
+           "make_optimizers", "oracle_log_q", "stop_on_signals", "train"]
 
 Correction = Literal["none", "streaming", "oracle"]
 CORRECTIONS: tuple[str, ...] = ("none", "streaming", "oracle")
+
+
+MAX_LEARNING_RATE = 100.0  # far above any useful rate; near float32's limit Adam overflows
 
 
 @dataclass
@@ -90,8 +95,13 @@ class TrainConfig:
         if self.batch_size < 2:
             raise ValueError(f"batch_size must be >= 2 for in-batch negatives, got "
                              f"{self.batch_size}")
-        if self.epochs < 1 or self.learning_rate <= 0:
-            raise ValueError("epochs must be >= 1 and learning_rate > 0")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if not 0 < self.learning_rate < MAX_LEARNING_RATE:  # False for a NaN too
+            raise ValueError(f"learning_rate must be above 0 and below {MAX_LEARNING_RATE:g}, "
+                             f"got {self.learning_rate}")
+        if self.log_every < 1:
+            raise ValueError(f"log_every must be >= 1 step, got {self.log_every}")
         if self.patience < 1:
             raise ValueError(f"patience must be >= 1 epoch, got {self.patience}")
         if self.mixed_negatives < 0:
@@ -178,6 +188,17 @@ def input_name(data: TrainingData) -> str:
     digest = hashlib.sha256(np.ascontiguousarray(data.item_key[data.rows]).tobytes())
     digest.update(np.ascontiguousarray(data.reward[data.rows]).tobytes())
     return f"events:{len(data.rows)}:{digest.hexdigest()[:16]}"
+
+
+def _finite_after_step(model: nn.Module) -> bool:
+    """Whether the weights a step changed are all finite: for a table with a sparse gradient
+    only the rows the batch touched (a step costs the same whatever the table size)."""
+    checks = []
+    for p in model.parameters():
+        if p.grad is not None:
+            changed = p.detach()[p.grad._indices()[0]] if p.grad.is_sparse else p.detach()
+            checks.append(torch.isfinite(changed).all())
+    return bool(torch.stack(checks).all()) if checks else True
 
 
 class _Towers(nn.Module):
@@ -302,6 +323,8 @@ class Trainer:
                 skip = start.batch if epoch == start.epoch else 0
                 for index, rows in itertools.islice(self._batches(data, epoch), skip, None):
                     loss, stopped = self._reduce(self._step(data, rows, oracle))
+                    if not math.isfinite(loss):  # before anything of this step is written
+                        raise TrainingDiverged(self._diverged(f"the training loss became {loss}"))
                     self.position = Position(name, epoch, index + 1)
                     losses.append(loss)
                     running.append(loss)
@@ -332,6 +355,15 @@ class Trainer:
             summary.update(self._keep_best())
         self.log(summary)
         return summary
+
+    def _diverged(self, what: str) -> str:
+        """What a run that diverged says: the step, and what is left to use."""
+        kept = checkpoint_dirs(self.out_dir) if self.out_dir is not None else []
+        left = (f"the last good checkpoint, {kept[-1]}, is kept (train again from there with "
+                "a lower --lr or a higher --temperature)" if kept else
+                "no checkpoint was written")
+        return (f"{what} at step {self.step}; training stopped there, nothing of that step "
+                f"was saved, and {left}")
 
     def _batches(self, data: TrainingData, epoch: int) -> Iterator[tuple[int, np.ndarray]]:
         """``(index, rows)`` of the batches of ``epoch``: in time order, or shuffled with a
@@ -420,6 +452,8 @@ class Trainer:
         sync_table_grads(list(self.model.tables.values()), world)
         for optimizer in self.optimizers:
             optimizer.step()
+        if not _finite_after_step(self.model):  # so that no checkpoint ever holds a NaN
+            raise TrainingDiverged(self._diverged("the weights became non-finite"))
         return share.detach()
 
     def _reduce(self, share: torch.Tensor) -> tuple[float, bool]:
@@ -468,6 +502,10 @@ class Trainer:
 
 class TrainingStopped(Exception):
     """Training was stopped by a signal after a final checkpoint; resume it to go on."""
+
+
+class TrainingDiverged(ValueError):
+    """The loss became NaN or infinite; the step that did it was not saved."""
 
 
 @contextmanager

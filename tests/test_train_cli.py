@@ -1,0 +1,82 @@
+"""`twotower train` as a user runs it: options checked first, runs that never mix, resumes
+that go on where they should."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from twotower.checkpoint import load_checkpoint
+from twotower.cli import main
+from twotower.data.synthetic import SyntheticConfig, generate
+
+TINY = SyntheticConfig(num_users=200, num_items=500, num_days=3, events_per_day=1000,
+                       num_channels=20, num_categories=4)
+SCHEMA = {
+    "events": {"path": "events", "reward": "reward"},
+    "items": {"path": "items.parquet"},
+    "query_features": [{"name": "user_id", "kind": "id", "table": "user"},
+                       {"name": "history", "kind": "id_list", "history": "item_id",
+                        "length": 5, "table": "item"}],
+    "item_features": [{"name": "item_id", "kind": "id", "table": "item"},
+                      {"name": "channel", "kind": "id"}],
+    "tables": {"user": {"buckets": 256}, "item": {"buckets": 1024}, "channel": {"buckets": 64}},
+    "model": {"dim": 8, "hidden": [16], "output_dim": 8},
+}
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def write_log(folder: Path, files: int = 2) -> Path:
+    """The tiny synthetic log as ``files`` Parquet files in time order, with a schema."""
+    log = generate(TINY)
+    (folder / "events").mkdir(parents=True)
+    bounds = np.linspace(0, log.events.num_rows, files + 1).astype(int)
+    for i in range(files):
+        pq.write_table(log.events.slice(bounds[i], bounds[i + 1] - bounds[i]),
+                       folder / "events" / f"part-{i}.parquet", row_group_size=500)
+    pq.write_table(log.items, folder / "items.parquet")
+    (folder / "schema.yaml").write_text(yaml.safe_dump(SCHEMA))
+    return folder / "schema.yaml"
+
+
+@pytest.fixture
+def schema(tmp_path: Path) -> Path:
+    return write_log(tmp_path / "data")
+
+
+def train(schema: Path, out: Path, *flags: str) -> int:
+    return main(["train", "--schema", str(schema), "--out", str(out), "--batch-size", "128",
+                 "--quiet", *flags])
+
+
+@pytest.mark.parametrize("flag, value", [("--lr", "inf"), ("--lr", "nan"), ("--lr", "0"),
+                                         ("--temperature", "nan"), ("--temperature", "inf"),
+                                         ("--test-fraction", "1.5"), ("--batch-size", "1"),
+                                         ("--poll", "-inf"), ("--epochs", "0")])
+def test_a_bad_number_is_refused_before_anything_is_read(tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit) as exited:
+        main(["train", "--schema", str(tmp_path / "missing.yaml"), "--out",
+              str(tmp_path / "m"), f"{flag}={value}"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}" in err and value in err and "missing.yaml" not in err
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_loss_that_becomes_nan_stops_naming_the_step_and_keeps_the_last_checkpoint(
+        schema, tmp_path, capsys):
+    out = tmp_path / "m"  # a valid but absurd temperature: the scores overflow in a few steps
+    assert train(schema, out, "--temperature", "1e-30", "--checkpoint-every", "1") == 2
+    err = capsys.readouterr().err
+    step = int(re.search(r"became (?:nan|inf|non-finite) at step (\d+)", err).group(1))
+    latest = load_checkpoint(out)
+    assert latest.state["step"] == step - 1 and str(latest.path) in err
+    assert all(torch.isfinite(p).all() for p in latest.model.parameters())
+    assert not (out / "config.json").exists()  # no model was published
