@@ -3,6 +3,7 @@ that go on where they should."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from twotower.checkpoint import load_checkpoint
+from twotower.checkpoint import WEIGHTS, checkpoint_dirs, load_checkpoint
 from twotower.cli import main
 from twotower.data.synthetic import SyntheticConfig, generate
 
@@ -80,3 +81,28 @@ def test_a_loss_that_becomes_nan_stops_naming_the_step_and_keeps_the_last_checkp
     assert latest.state["step"] == step - 1 and str(latest.path) in err
     assert all(torch.isfinite(p).all() for p in latest.model.parameters())
     assert not (out / "config.json").exists()  # no model was published
+
+
+def steps_of(out: Path) -> list[int]:
+    return [load_checkpoint(p).state["step"] for p in checkpoint_dirs(out)]
+
+
+def test_a_new_run_into_a_directory_holding_a_run_is_refused_unless_overwritten(
+        schema, tmp_path, capsys):
+    out = tmp_path / "m"
+    assert train(schema, out, "--epochs", "3", "--checkpoint-every", "10") == 0
+    weights = (out / WEIGHTS).read_bytes()
+    before = steps_of(out)
+    capsys.readouterr()
+    assert train(schema, out, "--checkpoint-every", "4") == 2
+    err = capsys.readouterr().err
+    assert f"--resume {out}" in err and "--overwrite" in err
+    assert steps_of(out) == before and (out / WEIGHTS).read_bytes() == weights  # untouched
+    assert load_checkpoint(out).state["step"] == before[-1]
+
+    assert train(schema, out, "--checkpoint-every", "4", "--overwrite") == 0
+    steps = load_checkpoint(out).state["step"]  # LATEST names a checkpoint that exists
+    assert steps < before[-1] and steps_of(out)[-1] == steps
+    assert all(s <= steps for s in steps_of(out))  # nothing of the old run is left
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in metrics) == steps

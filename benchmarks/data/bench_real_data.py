@@ -84,7 +84,7 @@ def main() -> None:
             run = args.out / f"{name}-{mode}"
             trained, train_s = command(["train", "--schema", str(schema), "--out", str(run),
                                         "--correction", mode, "--epochs", str(args.epochs),
-                                        "--quiet"])
+                                        "--overwrite", "--quiet"])
             metrics, eval_s = command(["evaluate", str(run), "--exclude-seen"])
             results.append({"data": name, "correction": mode, "split": trained["split"],
                             "report": trained["data"], "train_seconds": round(train_s, 1),

@@ -34,7 +34,8 @@ from twotower.frequency import StreamingFrequencyEstimator
 from twotower.towers import ModelConfig, TwoTowerModel
 
 __all__ = ["Checkpoint", "CheckpointError", "atomic_write", "checkpoint_dirs", "load_checkpoint",
-           "load_model", "save_checkpoint", "save_model", "versions"]
+           "load_model", "remove_run", "run_files", "save_checkpoint", "save_model",
+           "versions"]
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -141,6 +142,21 @@ def load_model(directory: str | Path) -> tuple[TwoTowerModel, StreamingFrequency
     return model, estimator, config
 
 
+RUN = (CONFIG, WEIGHTS, ESTIMATOR, METRICS, CHECKPOINTS)  # what a training run writes
+
+
+def run_files(directory: str | Path) -> list[str]:
+    """What a training run left in ``directory`` (a model, checkpoints, a metrics log)."""
+    return [name for name in RUN if (Path(directory) / name).exists()]
+
+
+def remove_run(directory: str | Path) -> None:
+    """Remove what a training run wrote into ``directory``, leaving anything else there."""
+    for name in run_files(directory):
+        path = Path(directory) / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
 class CheckpointError(ValueError):
     """A training checkpoint that is missing, incomplete or damaged (never loaded)."""
 
@@ -240,7 +256,8 @@ def save_checkpoint(directory: str | Path, model: TwoTowerModel,
     _fsync_dir(root)
     atomic_write(root / LATEST, lambda p: p.write_text(final.name + "\n"))
     for old in checkpoint_dirs(directory)[:-keep] + list(root.glob(".step-*")):
-        shutil.rmtree(old, ignore_errors=True)
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 

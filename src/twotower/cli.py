@@ -163,6 +163,8 @@ def _train(args: argparse.Namespace) -> int:
     init_from_env(args.device)
     if not (args.out or args.resume):
         raise ValueError("say where to write the model: --out MODEL_DIR")
+    if not args.follow:
+        _claim_out(args)
     try:
         if args.follow:
             status = _follow(args)
@@ -173,6 +175,24 @@ def _train(args: argparse.Namespace) -> int:
         status = 130
     leave()  # every worker got here after the same last step
     return status
+
+
+def _claim_out(args: argparse.Namespace) -> None:
+    """Refuse to start a run in a directory that holds another run (their checkpoints and
+    metrics would mix), unless ``--overwrite`` says to remove it first."""
+    from twotower.checkpoint import remove_run, run_files
+    from twotower.distributed import World
+
+    if not args.out or (args.resume and Path(args.out).resolve() == Path(args.resume).resolve()):
+        return
+    found = run_files(args.out)
+    if found and not args.overwrite:
+        go_on = f"continue it with `--resume {args.out}`" if not args.resume else \
+            "give another --out"
+        raise ValueError(f"{args.out} already holds a training run ({', '.join(found)}): "
+                         f"{go_on}, or give --overwrite to remove it and start over")
+    if found and World.current().main:
+        remove_run(args.out)
 
 
 def _epochs(args: argparse.Namespace) -> dict:
@@ -447,6 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue MODEL_DIR's training on these events (the next day's log): "
                         "weights, optimizer, estimator and step carry on; the events are "
                         "tested on first, and the metrics appended to its metrics log")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--out holds another run (model, checkpoints, metrics): remove it "
+                   "and start over (without it, that is an error)")
     p.add_argument("--follow", metavar="DIR",
                    help="train on DIR's partitions (a file or folder per day, name order = "
                         "time order), checkpoint after each, and wait for the next; "
