@@ -18,6 +18,8 @@ import safetensors.numpy
 import safetensors.torch
 import torch
 
+from tiny_log import TINY as TINY_LOG
+from tiny_log import write_log
 from twotower.checkpoint import CHECKPOINTS, ESTIMATOR, LATEST, WEIGHTS, load_checkpoint
 from twotower.data.synthetic import EPOCH, SECONDS_PER_DAY, SyntheticConfig, generate
 from twotower.train import stop_on_signals
@@ -84,11 +86,33 @@ print("done", trainer.step, flush=True)
 """
 
 
-def child(tmp_path: Path, *args: str) -> subprocess.Popen:
-    script = tmp_path / "child.py"
-    script.write_text(CHILD)
+# `twotower train` itself, its streamed batches slowed down so that a kill lands mid-run.
+CLI_CHILD = """
+import sys, time
+import torch
+from twotower.cli import main
+from twotower.data.streaming import StreamingTrainingData
+
+torch.set_num_threads(1)
+delay, batches = float(sys.argv[1]), StreamingTrainingData.batches
+
+
+def slow(self, batch_size, shuffle_seed=None):
+    for rows in batches(self, batch_size, shuffle_seed):
+        time.sleep(delay)
+        yield rows
+
+
+StreamingTrainingData.batches = slow
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def child(tmp_path: Path, *args: str, script: str = CHILD) -> subprocess.Popen:
+    path = tmp_path / ("child.py" if script is CHILD else "cli_child.py")
+    path.write_text(script)
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, str(script), *args], env=env,
+    return subprocess.Popen([sys.executable, str(path), *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -154,6 +178,42 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path):
     lines = [json.loads(x)
              for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if r.get("event") == "resume"] == [at_kill]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_streamed_run_then_resume_streams_to_the_same_model(tmp_path):
+    schema = write_log(tmp_path / "data")
+    events = TINY_LOG.num_days * TINY_LOG.events_per_day
+    steps = 2 * -(-events // 128)  # every piece of the stream is cut at whole batches
+
+    def command(out: Path, *flags: str) -> list[str]:
+        return ["train", "--schema", str(schema), "--streaming", "--batch-size", "128",
+                "--checkpoint-every", "3", "--quiet", *flags, "--out", str(out)]
+
+    reference = child(tmp_path, "0", *command(tmp_path / "reference", "--epochs", "2"),
+                      script=CLI_CHILD)
+    killed = child(tmp_path, "0.05", *command(tmp_path / "killed", "--epochs", "2"),
+                   script=CLI_CHILD)
+    wait_for(lambda: latest_step(tmp_path / "killed") >= 9, killed)
+    killed.send_signal(signal.SIGKILL)
+    killed.communicate(timeout=30)
+    at_kill = latest_step(tmp_path / "killed")
+    assert 9 <= at_kill < steps
+
+    # The events in memory are another input than the stream it stopped in: an error
+    # naming both, and the checkpoint is left as it was.
+    resume = ["train", "--resume", str(tmp_path / "killed"), "--schema", str(schema),
+              "--batch-size", "128", "--checkpoint-every", "3", "--quiet"]
+    wrong = child(tmp_path, "0", *resume, script=CLI_CHILD)
+    err = wrong.communicate(timeout=60)[1]
+    assert wrong.returncode == 2, err
+    assert "stopped partway through input stream:" in err and "given input events:" in err
+    assert latest_step(tmp_path / "killed") == at_kill
+
+    finish(child(tmp_path, "0", *resume, "--streaming", script=CLI_CHILD))
+    finish(reference)
+    assert load_checkpoint(tmp_path / "killed").state["step"] == steps
+    assert_same_model(tmp_path / "reference", tmp_path / "killed")
 
 
 def test_sigterm_stops_after_the_batch_and_resumes_exactly(tmp_path):

@@ -7,44 +7,14 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
-import yaml
 
+from tiny_log import write_log
 from twotower.checkpoint import WEIGHTS, checkpoint_dirs, load_checkpoint
 from twotower.cli import main
-from twotower.data.synthetic import SyntheticConfig, generate
-
-TINY = SyntheticConfig(num_users=200, num_items=500, num_days=3, events_per_day=1000,
-                       num_channels=20, num_categories=4)
-SCHEMA = {
-    "events": {"path": "events", "reward": "reward"},
-    "items": {"path": "items.parquet"},
-    "query_features": [{"name": "user_id", "kind": "id", "table": "user"},
-                       {"name": "history", "kind": "id_list", "history": "item_id",
-                        "length": 5, "table": "item"}],
-    "item_features": [{"name": "item_id", "kind": "id", "table": "item"},
-                      {"name": "channel", "kind": "id"}],
-    "tables": {"user": {"buckets": 256}, "item": {"buckets": 1024}, "channel": {"buckets": 64}},
-    "model": {"dim": 8, "hidden": [16], "output_dim": 8},
-}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def write_log(folder: Path, files: int = 2) -> Path:
-    """The tiny synthetic log as ``files`` Parquet files in time order, with a schema."""
-    log = generate(TINY)
-    (folder / "events").mkdir(parents=True)
-    bounds = np.linspace(0, log.events.num_rows, files + 1).astype(int)
-    for i in range(files):
-        pq.write_table(log.events.slice(bounds[i], bounds[i + 1] - bounds[i]),
-                       folder / "events" / f"part-{i}.parquet", row_group_size=500)
-    pq.write_table(log.items, folder / "items.parquet")
-    (folder / "schema.yaml").write_text(yaml.safe_dump(SCHEMA))
-    return folder / "schema.yaml"
 
 
 @pytest.fixture

@@ -98,7 +98,7 @@ def _split_choice(args: argparse.Namespace, schema, stored: dict) -> tuple[str |
 def _train_new(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from twotower.data.splits import cutoff_for_fraction, split_log
+    from twotower.data.splits import split_log
     from twotower.distributed import World
     from twotower.train import TrainConfig
 
@@ -108,39 +108,28 @@ def _train_new(args: argparse.Namespace) -> int:
             update={"temperature": args.temperature})})
     if args.until is not None:
         args.split, args.cutoff = "time", args.until
-    kind, params = _split_choice(args, schema, {})
-    if kind == "none":
-        kind = None
     config = TrainConfig(batch_size=args.batch_size, epochs=args.epochs or 1,
                          learning_rate=args.lr, correction=args.correction, seed=args.seed,
                          shuffle=(args.order or "shuffled") == "shuffled",
                          patience=args.patience, mixed_negatives=args.mixed_negatives)
     extra = {"schema": schema.model_dump(mode="json")}
     if args.streaming:
-        from twotower.data.streaming import EventStream, StreamingTrainingData
+        from twotower.data.streaming import StreamingTrainingData
         from twotower.experiment import fit_stream, schema_model_config, stream_ids
 
-        if kind == "leave-last-out":
-            raise ValueError("leave-last-out needs every user's last events, so the whole "
-                             "log; with --streaming use --split time (or load in memory)")
-        stream = EventStream(schema)
-        if kind == "time" and "cutoff" not in params:
-            if "test_fraction" not in params:
-                raise ValueError("a time split needs --cutoff T or --test-fraction F")
-            params["cutoff"] = cutoff_for_fraction(stream.timestamps(), params["test_fraction"])
-        stream.until = params.get("cutoff")
+        stream, split = _event_stream(args, schema)
         data = StreamingTrainingData(stream, schema_model_config(schema, stream_ids(stream)))
-        split = {"kind": kind, **params} if kind else {"kind": "none"}
         fit_stream(data, config, args.out, not args.quiet, {**extra, "split": split},
                    args.device, args.checkpoint_every)
         report, trained = stream.report, stream.report["events_kept"]
     else:
         from twotower.experiment import fit, memory_ids, prepare, schema_model_config
 
+        kind, params = _split_choice(args, schema, {})
         interactions = _load(schema)
         rows = np.arange(len(interactions))
         split, valid = {"kind": "none"}, None
-        if kind is not None:
+        if kind not in (None, "none"):
             parts = split_log(kind, interactions.user, interactions.timestamp, **params)
             rows, valid, split = parts.train, parts.valid, {**params, **parts.summary()}
         model_config = schema_model_config(schema, memory_ids(interactions))
@@ -152,6 +141,26 @@ def _train_new(args: argparse.Namespace) -> int:
         print(json.dumps({"model": str(args.out), "trained_on": trained, "data": report,
                           "split": split}, indent=2))
     return 0
+
+
+def _event_stream(args: argparse.Namespace, schema):
+    """The events of a ``--streaming`` run, cut by the split, and the split: the same for a
+    new run and for its resumption, so that a resumed stream lands where the run stopped."""
+    from twotower.data.splits import cutoff_for_fraction
+    from twotower.data.streaming import EventStream
+
+    kind, params = _split_choice(args, schema, {})
+    if kind == "leave-last-out":
+        raise ValueError("leave-last-out needs every user's last events, so the whole "
+                         "log; with --streaming use --split time (or load in memory)")
+    stream = EventStream(schema)
+    if kind == "time" and "cutoff" not in params:
+        if "test_fraction" not in params:
+            raise ValueError("a time split needs --cutoff T or --test-fraction F")
+        params["cutoff"] = cutoff_for_fraction(stream.timestamps(), params["test_fraction"])
+    stream.until = params.get("cutoff")
+    return stream, ({"kind": kind, **params} if kind not in (None, "none") else
+                    {"kind": "none"})
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -215,13 +224,10 @@ def _train_rows(args: argparse.Namespace, schema, interactions):
 
 
 def _resume(args: argparse.Namespace) -> int:
-    """Continue a model on new events: test on them first (held out), then train."""
-    import numpy as np
-
+    """Continue a model: on new events, tested on first (held out) when in memory, then
+    trained on; on the events it stopped in (a killed run), from where it stopped."""
     from twotower.distributed import World
-    from twotower.experiment import prepare
-    from twotower.follow import train_day
-    from twotower.train import Trainer, TrainingStopped, input_name, stop_on_signals
+    from twotower.train import Trainer, TrainingStopped, stop_on_signals
 
     trainer = Trainer.resume(args.resume, out_dir=args.out, device=args.device,
                              checkpoint_every=args.checkpoint_every, progress=not args.quiet,
@@ -230,21 +236,46 @@ def _resume(args: argparse.Namespace) -> int:
     schema = _schema(args, trainer.extra)
     if args.until is not None:
         args.split, args.cutoff = "time", args.until
-    interactions = _load(schema)
-    rows, split = _train_rows(args, schema, interactions)
-    prepared = prepare(interactions, trainer.model.config)
     with stop_on_signals(trainer):
-        summary = train_day(trainer, prepared, np.zeros(0, dtype=np.int64), rows,
-                            input_name(prepared.training_data(rows)))
+        summary, trained, report, split = (_resume_stream if args.streaming else
+                                           _resume_memory)(args, trainer, schema)
     trainer.save()
     if summary["stopped"]:
         raise TrainingStopped(f"stopped at step {trainer.step}; run the same command again to "
                               "go on from the checkpoint")
     if World.current().main:
         print(json.dumps({"model": str(trainer.out_dir), "step": trainer.step,
-                          "trained_on": len(rows), "data": interactions.report, "split": split,
+                          "trained_on": trained, "data": report, "split": split,
                           "summary": summary}, indent=2))
     return 0
+
+
+def _resume_memory(args: argparse.Namespace, trainer, schema) -> tuple[dict, int, dict, dict]:
+    """Train on a log loaded in memory, tested on first: summary, events, report, split."""
+    import numpy as np
+
+    from twotower.experiment import prepare
+    from twotower.follow import train_day
+    from twotower.train import input_name
+
+    interactions = _load(schema)
+    rows, split = _train_rows(args, schema, interactions)
+    prepared = prepare(interactions, trainer.model.config)
+    summary = train_day(trainer, prepared, np.zeros(0, dtype=np.int64), rows,
+                        input_name(prepared.training_data(rows)))
+    return summary, len(rows), interactions.report, split
+
+
+def _resume_stream(args: argparse.Namespace, trainer, schema) -> tuple[dict, int, dict, dict]:
+    """Train on a streamed log (not tested on first: that needs it in memory)."""
+    from twotower.data.streaming import StreamingTrainingData
+
+    if trainer.config.correction == "oracle":
+        raise ValueError("correction 'oracle' counts every event's item before training, "
+                         "which a stream cannot; continue this model without --streaming")
+    stream, split = _event_stream(args, schema)
+    summary = trainer.fit(StreamingTrainingData(stream, trainer.model.config))
+    return summary, stream.report.get("events_kept", 0), stream.report, split
 
 
 def _follow(args: argparse.Namespace) -> int:

@@ -306,6 +306,13 @@ class Trainer:
         the summary then says ``stopped``.
         """
         name = name or input_name(data)
+        stopped_in = self.position.input
+        if stopped_in and stopped_in not in self.inputs_done and name != stopped_in:
+            raise ValueError(
+                f"this run stopped partway through input {stopped_in} (epoch "
+                f"{self.position.epoch + 1}, batch {self.position.batch}), but was given input "
+                f"{name}: resume it with the same events and options (and --streaming if it "
+                "streamed them) to finish it; it never starts over silently")
         if name in self.inputs_done:
             return {"event": "input", "input": name, "step": self.step, "skipped": True,
                     "stopped": False}
