@@ -7,6 +7,8 @@ import json
 import re
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -76,3 +78,18 @@ def test_a_new_run_into_a_directory_holding_a_run_is_refused_unless_overwritten(
     assert all(s <= steps for s in steps_of(out))  # nothing of the old run is left
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in metrics) == steps
+
+
+def test_a_bad_row_late_in_a_stream_stops_the_run_before_anything_is_written(
+        schema, tmp_path, capsys):
+    last = schema.parent / "events" / "part-1.parquet"
+    events = pq.read_table(last)
+    reward = events.column("reward").to_numpy().copy()
+    reward[-3] = -1.0  # far past the first checkpoint's worth of events
+    pq.write_table(events.set_column(events.schema.get_field_index("reward"), "reward",
+                                     pa.array(reward)), last, row_group_size=500)
+    out = tmp_path / "m"
+    assert train(schema, out, "--streaming", "--checkpoint-every", "2") == 2
+    err = capsys.readouterr().err
+    assert "part-1.parquet" in err and f"row {len(reward) - 3}" in err and "reward" in err
+    assert not out.exists()

@@ -154,6 +154,7 @@ def _event_stream(args: argparse.Namespace, schema):
         raise ValueError("leave-last-out needs every user's last events, so the whole "
                          "log; with --streaming use --split time (or load in memory)")
     stream = EventStream(schema)
+    stream.check()  # a bad row late in the log stops the run before anything is written
     if kind == "time" and "cutoff" not in params:
         if "test_fraction" not in params:
             raise ValueError("a time split needs --cutoff T or --test-fraction F")

@@ -177,10 +177,12 @@ def fit(prepared: Prepared, rows: np.ndarray, config: TrainConfig, out_dir: str 
 def fit_stream(data: StreamingTrainingData, config: TrainConfig, out_dir: str | Path,
                progress: bool = True, extra: dict | None = None, device: str = "auto",
                checkpoint_every: int = 0) -> tuple[TwoTowerModel, StreamingFrequencyEstimator]:
-    """Train a fresh model on a stream of events and save it into ``out_dir``."""
+    """Train a fresh model on a stream of events and save it into ``out_dir``; the whole
+    stream is checked first (:meth:`EventStream.check`), so bad input writes nothing."""
     if config.correction == "oracle":
         raise ValueError("correction 'oracle' counts every event's item before training, "
                          "which a stream cannot; use none or streaming, or load in memory")
+    data.stream.check()
     return _train_and_save(data.model_config, data, config, out_dir, data.stream.columns,
                            progress, extra, device, checkpoint_every)
 

@@ -21,7 +21,13 @@ from twotower.data.schema import load_schema
 from twotower.data.sources import load
 from twotower.data.splits import cutoff_for_fraction
 from twotower.data.streaming import EventStream, StreamingTrainingData
-from twotower.experiment import fit_stream, memory_ids, prepare, schema_model_config
+from twotower.experiment import (
+    fit_stream,
+    memory_ids,
+    prepare,
+    schema_model_config,
+    stream_ids,
+)
 from twotower.towers import TwoTowerModel
 from twotower.train import TrainConfig, train
 
@@ -202,3 +208,18 @@ def test_cli_streaming_train_then_evaluate(tmp_path, capsys):
     assert main(["train", "--schema", str(path), "--out", str(tmp_path / "x"), "--streaming",
                  "--split", "leave-last-out"]) == 2
     assert "leave-last-out needs every user's last events" in capsys.readouterr().err
+
+
+def test_a_bad_row_at_the_end_of_a_stream_is_found_before_anything_is_written(tmp_path):
+    events, items = random_log(np.random.default_rng(8), 900)
+    watch = events.column("watch").to_numpy().copy()
+    watch[-1] = -0.5
+    events = events.set_column(events.schema.get_field_index("watch"), "watch", pa.array(watch))
+    schema = load_schema(write_log(tmp_path, events, items))
+    stream = EventStream(schema, batch_rows=50)
+    data = StreamingTrainingData(stream, schema_model_config(schema, stream_ids(stream)),
+                                 piece_rows=64)  # many pieces: training starts early
+    with pytest.raises(ValueError, match=r"part-2\.parquet.*row 299"):
+        fit_stream(data, TrainConfig(batch_size=32), tmp_path / "m", progress=False,
+                   checkpoint_every=2)
+    assert not (tmp_path / "m").exists()

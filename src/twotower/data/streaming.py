@@ -77,6 +77,20 @@ class _Piece:
                       context={n: c.slice(start, stop - start) for n, c in self.context.items()})
 
 
+@dataclass
+class _Checked:
+    """The checked columns of one record batch (cut at ``until``); ``read`` rows were read."""
+
+    user: np.ndarray
+    item: np.ndarray
+    item_row: np.ndarray
+    known: np.ndarray
+    timestamp: np.ndarray
+    reward: np.ndarray
+    unknown: int
+    read: int
+
+
 class EventStream:
     """The events of a file-based schema, checked and prepared one record batch at a time.
 
@@ -101,6 +115,7 @@ class EventStream:
         self.report: dict = {}
         self._keep: np.ndarray | None = None
         self._cleaning_report: dict = {}
+        self._checked_whole = False
 
     def record_batches(self, columns: list[str]) -> Iterator[tuple[pa.RecordBatch, str, int]]:
         """``(batch, where, first_row)`` of every record batch, files in path order."""
@@ -157,16 +172,26 @@ class EventStream:
             self._keep = keep
         return self._keep
 
-    def _checked(self) -> Iterator[_Piece]:
-        """Every record batch checked, filtered and with its histories, in order."""
-        keep = self._cleaning()
+    def check(self) -> None:
+        """Check every event (times in order, ids, rewards, items, context columns) in a
+        first pass over those columns, so that a bad row late in the log stops the run
+        before anything is trained or written. Once passed, a no-op."""
+        if self._checked_whole:
+            return
+        flat = [name for name in event_columns(self.schema)
+                if not pa.types.is_list(self.dataset.schema.field(name).type)]
+        for _ in self._checked_batches(flat):
+            pass
+        self._checked_whole = True
+
+    def _checked_batches(self, read: list[str] | None = None
+                         ) -> Iterator[tuple[pa.RecordBatch, _Checked]]:
+        """Every record batch cut at ``until``, with its checked columns, in order; ``read``
+        names the columns to read (default: all the schema reads)."""
         columns = self.columns
-        state = HistoryState(columns.history_length)
-        context = self.schema.context()
-        last_time, position = None, 0
-        self.report = {"events_read": 0, "events_unknown_item": 0, **self._cleaning_report,
-                       "events_kept": 0}
-        for batch, where, row in self.record_batches(event_columns(self.schema)):
+        context = [n for n in self.schema.context() if read is None or n in read]
+        last_time = None
+        for batch, where, row in self.record_batches(read or event_columns(self.schema)):
             if batch.num_rows == 0:
                 continue
             timestamp = checks.times(batch, columns.timestamp, where, row)
@@ -189,21 +214,34 @@ class EventStream:
                 if not pa.types.is_list(batch.schema.field(name).type):
                     checks.column(batch, name, where, row)
             item_row, known = self.corpus.lookup(item)
+            unknown = unknown_items(known, item, self.schema.missing_items, where, row)
+            yield batch, _Checked(user, item, item_row, known, timestamp, reward, unknown, read)
+            if stop < read:
+                return
+
+    def _checked(self) -> Iterator[_Piece]:
+        """Every record batch checked, filtered and with its histories, in order."""
+        keep = self._cleaning()
+        state = HistoryState(self.columns.history_length)
+        context = self.schema.context()
+        position = 0
+        self.report = {"events_read": 0, "events_unknown_item": 0, **self._cleaning_report,
+                       "events_kept": 0}
+        for batch, c in self._checked_batches():
+            stop = len(c.user)
             self.report["events_read"] += stop
-            self.report["events_unknown_item"] += unknown_items(
-                known, item, self.schema.missing_items, where, row)
-            if keep is not None:
-                known &= keep[position:position + stop]
-            position += read
+            self.report["events_unknown_item"] += c.unknown
+            known = c.known if keep is None else c.known & keep[position:position + stop]
+            position += c.read
             rows = np.flatnonzero(known)
             self.report["events_kept"] += len(rows)
-            history = state.extend(user[rows], timestamp[rows], item_row[rows])
-            yield _Piece(user[rows], item[rows], item_row[rows], timestamp[rows], reward[rows],
-                         history, {n: pa.chunked_array([batch.column(n).take(pa.array(rows))])
-                                   for n in context})
-            if stop < read:
+            history = state.extend(c.user[rows], c.timestamp[rows], c.item_row[rows])
+            yield _Piece(c.user[rows], c.item[rows], c.item_row[rows], c.timestamp[rows],
+                         c.reward[rows], history,
+                         {n: pa.chunked_array([batch.column(n).take(pa.array(rows))])
+                          for n in context})
+            if stop < c.read:
                 self.report["stopped_at"] = self.until
-                return
 
     def pieces(self, multiple_of: int = 1, piece_rows: int = 1 << 18) -> Iterator[Interactions]:
         """The stream as :class:`Interactions` of about ``piece_rows`` events each, every
