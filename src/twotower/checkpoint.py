@@ -266,6 +266,11 @@ def _resolve(path: Path) -> Path:
     if (path / MANIFEST).exists() or path.name.startswith("step-"):
         return path
     latest = path / CHECKPOINTS / LATEST
+    if not latest.exists() and checkpoint_dirs(path):
+        names = ", ".join(str(p) for p in checkpoint_dirs(path))
+        raise CheckpointError(f"{path / CHECKPOINTS / LATEST} is missing, but complete "
+                              f"checkpoints remain: {names}; resume from one by naming it "
+                              "(the last is the latest)")
     if not latest.exists():
         raise CheckpointError(f"{path} holds no training checkpoint ({CHECKPOINTS}/{LATEST} is "
                               "missing): resume from a model directory written by `twotower "
