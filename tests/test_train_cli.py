@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from test_resume import assert_same_model
 from tiny_log import write_log
 from twotower.checkpoint import WEIGHTS, checkpoint_dirs, load_checkpoint
 from twotower.cli import main
@@ -93,3 +94,19 @@ def test_a_bad_row_late_in_a_stream_stops_the_run_before_anything_is_written(
     err = capsys.readouterr().err
     assert "part-1.parquet" in err and f"row {len(reward) - 3}" in err and "reward" in err
     assert not out.exists()
+
+
+def test_resume_with_more_epochs_trains_on_to_the_model_of_a_longer_run(schema, tmp_path,
+                                                                        capsys):
+    assert train(schema, tmp_path / "two", "--epochs", "2") == 0
+    assert train(schema, tmp_path / "one", "--epochs", "1") == 0
+    one_epoch = load_checkpoint(tmp_path / "one").state["step"]
+    resume = ["train", "--resume", str(tmp_path / "one"), "--schema", str(schema), "--quiet"]
+    assert main([*resume, "--epochs", "2"]) == 0
+    assert load_checkpoint(tmp_path / "one").state["step"] == 2 * one_epoch
+    assert_same_model(tmp_path / "two", tmp_path / "one")
+
+    capsys.readouterr()
+    assert main([*resume, "--epochs", "2"]) == 0  # nothing left: said, and nothing changes
+    assert "nothing left to do" in capsys.readouterr().err
+    assert load_checkpoint(tmp_path / "one").state["step"] == 2 * one_epoch

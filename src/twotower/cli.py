@@ -240,7 +240,11 @@ def _resume(args: argparse.Namespace) -> int:
     with stop_on_signals(trainer):
         summary, trained, report, split = (_resume_stream if args.streaming else
                                            _resume_memory)(args, trainer, schema)
-    trainer.save()
+    if summary.get("skipped"):
+        print(f"twotower train: nothing left to do, the model is unchanged: "
+              f"{summary['reason']}", file=sys.stderr)
+    else:
+        trainer.save()
     if summary["stopped"]:
         raise TrainingStopped(f"stopped at step {trainer.step}; run the same command again to "
                               "go on from the checkpoint")

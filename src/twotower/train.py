@@ -314,8 +314,12 @@ class Trainer:
                 f"{name}: resume it with the same events and options (and --streaming if it "
                 "streamed them) to finish it; it never starts over silently")
         if name in self.inputs_done:
-            return {"event": "input", "input": name, "step": self.step, "skipped": True,
-                    "stopped": False}
+            done = self._done_with(name)
+            if done:
+                return {"event": "input", "input": name, "step": self.step, "skipped": True,
+                        "stopped": False, "reason": done}
+            self.inputs_done.remove(name)  # more epochs on the input it last trained on
+            self.position = Position(name, self.position.epoch + 1, 0)
         start = self.position if self.position.input == name else Position(name)
         config = self.config
         oracle = oracle_log_q(data, config.batch_size) if config.correction == "oracle" else None
@@ -362,6 +366,22 @@ class Trainer:
             summary.update(self._keep_best())
         self.log(summary)
         return summary
+
+    def _done_with(self, name: str) -> str:
+        """Why a finished input gets no more training ('' if it gets more epochs): only the
+        input trained on last can go on, up to ``config.epochs`` epochs in all."""
+        if self.position.input != name:
+            return (f"input {name} was trained on before input {self.position.input}; only "
+                    "the last input trained on can get more epochs")
+        if self.early_stopping.done:
+            return (f"validation stopped training on {name} early, after epoch "
+                    f"{self.position.epoch + 1} (the best was epoch "
+                    f"{self.early_stopping.best_epoch + 1})")
+        trained = self.position.epoch + 1
+        if trained >= self.config.epochs:
+            return (f"{trained} epoch(s) on these events are done, as many as asked "
+                    f"(epochs {self.config.epochs}); ask for more epochs to train further")
+        return ""
 
     def _diverged(self, what: str) -> str:
         """What a run that diverged says: the step, and what is left to use."""
