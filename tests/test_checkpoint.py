@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -11,10 +12,14 @@ import torch
 
 from twotower.checkpoint import (
     CONFIG,
+    CURRENT,
     ESTIMATOR,
+    MANIFEST,
+    PUBLISHED,
     WEIGHTS,
     atomic_write,
     load_model,
+    model_files,
     save_model,
 )
 from twotower.features import EncodedFeatures, FeatureSpec, TableSpec
@@ -112,17 +117,40 @@ def test_round_trip_without_estimator(tmp_path):
 def test_files_are_safetensors_and_json_not_pickle(tmp_path):
     model, estimator = trained()
     save_model(tmp_path, model, estimator)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CONFIG, WEIGHTS, ESTIMATOR])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [CONFIG, WEIGHTS, ESTIMATOR, CURRENT, PUBLISHED])
+    assert sorted(p.name for p in model_files(tmp_path).iterdir()) == sorted(
+        [CONFIG, WEIGHTS, ESTIMATOR, MANIFEST])
     json.loads((tmp_path / CONFIG).read_text())
     tensors = safetensors.torch.load_file(str(tmp_path / WEIGHTS))
     assert set(tensors) == set(model.state_dict())
 
 
+def saved(tmp_path, layout: str, estimator: bool = True):
+    """A saved model and the directory whose files a test damages: the published
+    generation itself, or a copy of the model directory with the links followed (files
+    at the top, no manifest: loaded as they are)."""
+    model, fitted = trained()
+    save_model(tmp_path / "model", model, fitted if estimator else None)
+    if layout == "published":
+        return tmp_path / "model", model_files(tmp_path / "model")
+    copy = shutil.copytree(tmp_path / "model", tmp_path / "copy")
+    shutil.rmtree(copy / CURRENT)
+    shutil.rmtree(copy / PUBLISHED)
+    return copy, copy
+
+
+def damaged(layout: str, file: str, message: str) -> str:
+    """What loading a model with ``file`` damaged says: the manifest's finding for a
+    published generation, else the reader's ``message``."""
+    return f"is damaged .*{file}" if layout == "published" else message
+
+
+@pytest.mark.parametrize("layout", ["published", "copied"])
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
-def test_corrupt_weights_raise_value_error(tmp_path, damage):
-    model, estimator = trained()
-    save_model(tmp_path, model, estimator)
-    path = tmp_path / WEIGHTS
+def test_corrupt_weights_raise_value_error(tmp_path, damage, layout):
+    directory, files = saved(tmp_path, layout)
+    path = files / WEIGHTS
     data = path.read_bytes()
     if damage == "truncate":
         path.write_bytes(data[: len(data) // 2])
@@ -130,48 +158,50 @@ def test_corrupt_weights_raise_value_error(tmp_path, damage):
         path.write_bytes(bytes(range(256)) * 8)
     else:
         path.write_bytes(b"")
-    with pytest.raises(ValueError, match=f"cannot read weights .*{WEIGHTS}"):
-        load_model(tmp_path)
+    with pytest.raises(ValueError, match=damaged(layout, WEIGHTS,
+                                                 f"cannot read weights .*{WEIGHTS}")):
+        load_model(directory)
 
 
-def test_missing_weights_raise_value_error(tmp_path):
-    model, _ = trained()
-    save_model(tmp_path, model, None)
-    (tmp_path / WEIGHTS).unlink()
-    with pytest.raises(ValueError, match=f"cannot read weights .*{WEIGHTS}"):
-        load_model(tmp_path)
+@pytest.mark.parametrize("layout", ["published", "copied"])
+def test_missing_weights_raise_value_error(tmp_path, layout):
+    directory, files = saved(tmp_path, layout, estimator=False)
+    (files / WEIGHTS).unlink()
+    with pytest.raises(ValueError, match=damaged(layout, WEIGHTS,
+                                                 f"cannot read weights .*{WEIGHTS}")):
+        load_model(directory)
 
 
-def test_weights_of_another_model_raise_value_error(tmp_path):
+@pytest.mark.parametrize("layout", ["published", "copied"])
+def test_weights_of_another_model_raise_value_error(tmp_path, layout):
     # A weights file that is valid safetensors but does not fit the config is as corrupt
     # for this directory as a truncated one: it must get the same clear error.
-    model, _ = trained()
-    save_model(tmp_path, model, None)
+    directory, files = saved(tmp_path, layout, estimator=False)
     other = ModelConfig.from_dict({**CONFIG_.to_dict(), "output_dim": 7})
     tensors = {k: v.contiguous() for k, v in TwoTowerModel(other).state_dict().items()}
-    safetensors.torch.save_file(tensors, str(tmp_path / WEIGHTS))
+    safetensors.torch.save_file(tensors, str(files / WEIGHTS))
     with pytest.raises(ValueError, match=WEIGHTS):
-        load_model(tmp_path)
+        load_model(directory)
 
 
-def test_corrupt_estimator_raises_value_error(tmp_path):
-    model, estimator = trained()
-    save_model(tmp_path, model, estimator)
-    path = tmp_path / ESTIMATOR
+@pytest.mark.parametrize("layout", ["published", "copied"])
+def test_corrupt_estimator_raises_value_error(tmp_path, layout):
+    directory, files = saved(tmp_path, layout)
+    path = files / ESTIMATOR
     path.write_bytes(path.read_bytes()[:40])
     with pytest.raises(ValueError, match=ESTIMATOR):
-        load_model(tmp_path)
+        load_model(directory)
 
 
-def test_bad_config_raises_value_error(tmp_path):
-    model, _ = trained()
-    save_model(tmp_path, model, None)
-    (tmp_path / CONFIG).write_text("{not json")
-    with pytest.raises(ValueError, match="not a valid model config"):
-        load_model(tmp_path)
-    (tmp_path / CONFIG).write_text(json.dumps({"versions": {}}))
-    with pytest.raises(ValueError, match="not a valid model config"):
-        load_model(tmp_path)
+@pytest.mark.parametrize("layout", ["published", "copied"])
+def test_bad_config_raises_value_error(tmp_path, layout):
+    directory, files = saved(tmp_path, layout, estimator=False)
+    (files / CONFIG).write_text("{not json")
+    with pytest.raises(ValueError, match=damaged(layout, CONFIG, "not a valid model config")):
+        load_model(directory)
+    (files / CONFIG).write_text(json.dumps({"versions": {}}))
+    with pytest.raises(ValueError, match=damaged(layout, CONFIG, "not a valid model config")):
+        load_model(directory)
 
 
 def test_missing_directory(tmp_path):

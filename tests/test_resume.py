@@ -20,9 +20,17 @@ import torch
 
 from tiny_log import TINY as TINY_LOG
 from tiny_log import write_log
-from twotower.checkpoint import CHECKPOINTS, ESTIMATOR, LATEST, WEIGHTS, load_checkpoint
+from twotower.checkpoint import (
+    CHECKPOINTS,
+    ESTIMATOR,
+    LATEST,
+    PUBLISHED,
+    WEIGHTS,
+    load_checkpoint,
+    load_model,
+)
 from twotower.data.synthetic import EPOCH, SECONDS_PER_DAY, SyntheticConfig, generate
-from twotower.train import stop_on_signals
+from twotower.train import TrainConfig, Trainer, stop_on_signals
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 TINY = SyntheticConfig(num_users=200, num_items=500, num_days=3, events_per_day=2000,
@@ -108,8 +116,34 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
+# A model saved into a model directory, paused (to be killed) before its estimator is written.
+SAVE_CHILD = """
+import sys, time
+from pathlib import Path
+import numpy as np, safetensors.numpy, torch
+from twotower.checkpoint import save_model
+from twotower.data.interactions import Columns
+from twotower.experiment import default_model_config
+from twotower.frequency import StreamingFrequencyEstimator
+from twotower.towers import TwoTowerModel
+
+out, seed, paused = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
+torch.manual_seed(seed)
+model = TwoTowerModel(default_model_config(Columns(), item_buckets=256, user_buckets=64,
+                                           feature_buckets=16, dim=4, hidden=(8,), output_dim=4))
+estimator = StreamingFrequencyEstimator(512)
+estimator.update(np.random.default_rng(seed).integers(0, 100, 64))
+if paused:
+    def pause(*args, **kwargs):
+        Path(paused[0]).touch()
+        time.sleep(60)
+    safetensors.numpy.save_file = pause
+save_model(out, model, estimator, {"seed": seed})
+"""
+
+
 def child(tmp_path: Path, *args: str, script: str = CHILD) -> subprocess.Popen:
-    path = tmp_path / ("child.py" if script is CHILD else "cli_child.py")
+    path = tmp_path / f"child-{abs(hash(script))}.py"
     path.write_text(script)
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, str(path), *args], env=env,
@@ -214,6 +248,29 @@ def test_sigkill_mid_streamed_run_then_resume_streams_to_the_same_model(tmp_path
     finish(reference)
     assert load_checkpoint(tmp_path / "killed").state["step"] == steps
     assert_same_model(tmp_path / "reference", tmp_path / "killed")
+
+
+def test_sigkill_during_a_save_leaves_the_previous_model_whole(tmp_path):
+    model = tmp_path / "model"
+    finish(child(tmp_path, str(model), "0", script=SAVE_CHILD))
+    before_model, before_estimator, before_config = load_model(model)
+    saving = child(tmp_path, str(model), "1", str(tmp_path / "paused"), script=SAVE_CHILD)
+    wait_for(lambda: (tmp_path / "paused").exists(), saving)  # weights written, estimator not
+    saving.send_signal(signal.SIGKILL)
+    saving.communicate(timeout=30)
+
+    after_model, after_estimator, after_config = load_model(model)
+    assert after_config["seed"] == before_config["seed"] == 0
+    for key, value in before_model.state_dict().items():
+        assert torch.equal(after_model.state_dict()[key], value), key
+    for key, value in before_estimator.state_dict().items():
+        assert np.array_equal(after_estimator.state_dict()[key], value), key
+    assert list((model / PUBLISHED).glob(".*"))  # what the killed save left
+
+    Trainer(after_model, TrainConfig(estimator_buckets=64), out_dir=model, device="cpu",
+            progress=False)  # the next run removes it
+    assert not list((model / PUBLISHED).glob(".*"))
+    assert load_model(model)[2]["seed"] == 0
 
 
 def test_sigterm_stops_after_the_batch_and_resumes_exactly(tmp_path):

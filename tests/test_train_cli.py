@@ -14,7 +14,7 @@ import torch
 
 from test_resume import assert_same_model
 from tiny_log import write_log
-from twotower.checkpoint import WEIGHTS, checkpoint_dirs, load_checkpoint
+from twotower.checkpoint import WEIGHTS, checkpoint_dirs, load_checkpoint, load_model
 from twotower.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -110,3 +110,27 @@ def test_resume_with_more_epochs_trains_on_to_the_model_of_a_longer_run(schema, 
     assert main([*resume, "--epochs", "2"]) == 0  # nothing left: said, and nothing changes
     assert "nothing left to do" in capsys.readouterr().err
     assert load_checkpoint(tmp_path / "one").state["step"] == 2 * one_epoch
+
+
+def test_a_checkpoint_is_read_wherever_a_model_directory_is(schema, tmp_path, capsys):
+    from twotower.index import ItemIndex
+    from twotower.recommend import Recommender
+
+    out = tmp_path / "m"
+    assert train(schema, out, "--checkpoint-every", "5") == 0
+    step = checkpoint_dirs(out)[0]
+    saved = load_checkpoint(step)
+    model, estimator, config = load_model(step)
+    assert config["train"]["batch_size"] == 128
+    assert config["schema"] == saved.state["extra"]["schema"]
+    assert estimator.step == saved.state["step"]
+    for key, value in saved.model.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value)
+
+    items = str(schema.parent / "items.parquet")
+    assert main(["index", str(step), "--items", items, "--out", str(tmp_path / "ix")]) == 0
+    assert len(ItemIndex.load(tmp_path / "ix")) == pq.read_table(items).num_rows
+    Recommender.load(step, tmp_path / "ix")  # the index was built from this checkpoint
+    capsys.readouterr()
+    assert main(["evaluate", str(step), "--split", "time", "--test-fraction", "0.2"]) == 0
+    assert json.loads(capsys.readouterr().out)["queries"] > 0

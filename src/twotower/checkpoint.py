@@ -4,6 +4,15 @@ the training checkpoints a run resumes from.
 Every file is written atomically (temporary file, fsync, rename), so a crash leaves
 either the old file or the new one, never half of one. Nothing is pickled.
 
+The published model switches as a whole: :func:`save_model` writes config, weights,
+estimator and a ``manifest.json`` (each file's size and sha256, and how much of the
+metrics log belongs to this model) into a new directory ``published/v-<id>``, then
+swaps the symbolic link ``current`` to it in one atomic rename; ``config.json``,
+``model.safetensors`` and ``estimator.safetensors`` at the top are links through
+``current``. A crash at any moment leaves the previous model whole, and
+:func:`load_model` reads one generation, checked against its manifest, so parts of two
+saves never load together. A checkpoint directory loads as a model too.
+
 A training checkpoint is a directory ``checkpoints/step-<step>`` holding the weights,
 the estimator, the optimizer states and RNG (safetensors) and ``state.json`` (step,
 position in the input, configs, and the structure of the optimizer states); its
@@ -34,8 +43,8 @@ from twotower.frequency import StreamingFrequencyEstimator
 from twotower.towers import ModelConfig, TwoTowerModel
 
 __all__ = ["Checkpoint", "CheckpointError", "atomic_write", "checkpoint_dirs", "load_checkpoint",
-           "load_model", "remove_run", "run_files", "save_checkpoint", "save_model",
-           "versions"]
+           "load_model", "model_files", "published_metrics_bytes", "remove_leftovers",
+           "remove_run", "run_files", "save_checkpoint", "save_model", "versions"]
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -47,6 +56,10 @@ STATE = "state.json"
 TRAINING = "training.safetensors"  # optimizer states and RNG
 MANIFEST = "manifest.json"
 FORMAT = "twotower-checkpoint"
+PUBLISHED = "published"  # generations of the published model, each with its manifest
+CURRENT = "current"  # symbolic link to the generation in use
+MODEL_FORMAT = "twotower-model"
+MODEL_FILES = (CONFIG, WEIGHTS, ESTIMATOR)
 
 
 def versions() -> dict[str, str]:
@@ -96,65 +109,194 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         os.close(dir_fd)
 
 
+def _symlink(path: Path, target: Path) -> None:
+    """Point the link ``path`` at ``target`` in one atomic rename (unless it already does)."""
+    if path.is_symlink() and Path(os.readlink(path)) == target:
+        return
+    if path.is_dir() and not path.is_symlink():  # a copy that followed the links: while it
+        shutil.rmtree(path)  # is gone, the copied files beside it are read (the same model)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}"
+    os.symlink(target, tmp)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _write_manifest(where: Path, files: list[str], **fields: object) -> None:
+    """``manifest.json``, written last: ``fields`` and each file's size and sha256."""
+    manifest = {**fields, "files": {f: {"bytes": (where / f).stat().st_size,
+                                        "sha256": _sha256(where / f)} for f in files}}
+    atomic_write(where / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
+
+
+def remove_leftovers(directory: str | Path) -> None:
+    """Remove what a killed save left half-written in a model directory: hidden temporary
+    files and links, unfinished generations and checkpoints (never a complete one)."""
+    directory = Path(directory)
+    found = [p for name in (*MODEL_FILES, CURRENT) for p in directory.glob(f".{name}.*")]
+    found += [*(directory / PUBLISHED).glob(".v-*"), *(directory / CHECKPOINTS).glob(".step-*")]
+    for path in found:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
 def save_model(directory: str | Path, model: TwoTowerModel,
                estimator: StreamingFrequencyEstimator | None, extra: dict | None = None) -> Path:
-    """Write ``model`` (and its estimator) into ``directory``; ``extra`` goes into the config."""
+    """Publish ``model`` (and its estimator) in ``directory`` as one unit; ``extra`` goes into
+    the config. The previous generation stays until the next save (a reader may be on it)."""
     directory = Path(directory)
+    root = directory / PUBLISHED
+    root.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(directory)
+    metrics = directory / METRICS
     config = {"model": model.config.to_dict(), "versions": versions(), **(extra or {})}
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(directory / WEIGHTS, lambda p: safetensors.torch.save_file(tensors, str(p)))
+    writers = {WEIGHTS: lambda p: safetensors.torch.save_file(tensors, str(p)),
+               CONFIG: lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True))}
     if estimator is not None:
         state = estimator.state_dict()
-        atomic_write(directory / ESTIMATOR, lambda p: safetensors.numpy.save_file(state, str(p)))
-    text = json.dumps(config, indent=2, sort_keys=True)
-    atomic_write(directory / CONFIG, lambda p: p.write_text(text))
+        writers[ESTIMATOR] = lambda p: safetensors.numpy.save_file(state, str(p))
+    tmp = fresh_directory(root, ".v-")
+    for file, write in writers.items():
+        atomic_write(tmp / file, write)
+    _write_manifest(tmp, list(writers), format=MODEL_FORMAT,
+                    metrics_bytes=metrics.stat().st_size if metrics.exists() else 0)
+    final = root / tmp.name[1:]
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    previous = (directory / CURRENT).resolve() if (directory / CURRENT).is_symlink() else None
+    _symlink(directory / CURRENT, Path(PUBLISHED) / final.name)  # the switch
+    for name in MODEL_FILES:  # links for readers of the files by name, none left dangling
+        if name in writers:
+            _symlink(directory / name, Path(CURRENT) / name)
+        elif (directory / name).is_symlink():
+            (directory / name).unlink()
+    for old in root.iterdir():
+        if old.resolve() not in (final.resolve(), previous):
+            shutil.rmtree(old, ignore_errors=True)
     return directory
+
+
+def model_files(directory: str | Path) -> Path:
+    """The directory holding a model's files: the published generation ``current`` names
+    (resolved once, so a save meanwhile cannot mix two), else ``directory`` itself (a
+    checkpoint, or a model directory written before generations)."""
+    directory = Path(directory)
+    current = directory / CURRENT
+    return current.resolve() if current.is_symlink() else directory
+
+
+def _files_problem(where: Path, files: dict) -> str | None:
+    """What is wrong with the files a manifest lists, or ``None``."""
+    for file, expected in files.items():
+        path = where / file
+        if not path.exists():
+            return f"{file} is missing"
+        size = path.stat().st_size
+        if size != expected["bytes"]:
+            return (f"{file} has {size} bytes, its manifest says {expected['bytes']} "
+                    "(truncated or overwritten)")
+        if _sha256(path) != expected["sha256"]:
+            return f"{file} does not match its sha256 in {MANIFEST} (changed after it was written)"
+    return None
+
+
+def _manifest(where: Path) -> dict | None:
+    try:
+        manifest = json.loads((where / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def _verify_model(directory: Path, where: Path) -> None:
+    """The published generation ``where`` holds exactly the files its manifest describes."""
+    manifest = _manifest(where)
+    if manifest is None or manifest.get("format") != MODEL_FORMAT:
+        problem = f"no readable {MANIFEST}"
+    else:
+        problem = _files_problem(where, manifest.get("files", {}))
+    if problem:
+        kept = checkpoint_dirs(directory)
+        hint = (f"its checkpoints load as models too: {', '.join(str(p) for p in kept)}"
+                if kept else "retrain it")
+        raise ValueError(f"model {directory} is damaged ({where}: {problem}); {hint}")
+
+
+def published_metrics_bytes(directory: str | Path) -> int | None:
+    """How much of the metrics log belongs to the published model (``None``: all of it)."""
+    manifest = _manifest(model_files(directory))
+    if manifest is None or manifest.get("format") != MODEL_FORMAT:
+        return None
+    return manifest.get("metrics_bytes")
+
+
+def _checkpoint_as_model(directory: Path) -> tuple[TwoTowerModel, StreamingFrequencyEstimator,
+                                                   dict]:
+    """A training checkpoint read as a model: its config as :func:`save_model` writes it."""
+    saved = load_checkpoint(directory)
+    state = saved.state
+    config = {"model": state["model"], "versions": state["versions"], "train": state["train"],
+              **state["extra"]}
+    return saved.model.eval(), saved.estimator, config
 
 
 def load_model(directory: str | Path) -> tuple[TwoTowerModel, StreamingFrequencyEstimator | None,
                                                dict]:
-    """Read a model directory written by :func:`save_model`: model, estimator, config."""
+    """Read a model directory written by :func:`save_model`, or a training checkpoint
+    (``MODEL/checkpoints/step-N``): model, estimator, config."""
     directory = Path(directory)
-    if not (directory / CONFIG).exists():
+    manifest = _manifest(directory)
+    if manifest is not None and manifest.get("format") == FORMAT:
+        return _checkpoint_as_model(directory)
+    where = model_files(directory)
+    if where != directory:
+        _verify_model(directory, where)
+    if not (where / CONFIG).exists():
         raise FileNotFoundError(f"{directory} is not a model directory (no {CONFIG})")
     try:
-        config = json.loads((directory / CONFIG).read_text())
+        config = json.loads((where / CONFIG).read_text())
         model = TwoTowerModel(ModelConfig.from_dict(config["model"]))
     except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise ValueError(f"{directory / CONFIG} is not a valid model config: {error}") from None
+        raise ValueError(f"{where / CONFIG} is not a valid model config: {error}") from None
     try:
-        weights = safetensors.torch.load_file(str(directory / WEIGHTS))
+        weights = safetensors.torch.load_file(str(where / WEIGHTS))
     except Exception as error:  # safetensors raises its own error types for corrupt files
-        raise ValueError(f"cannot read weights {directory / WEIGHTS}: {error}") from None
+        raise ValueError(f"cannot read weights {where / WEIGHTS}: {error}") from None
     try:
         model.load_state_dict(weights)
     except RuntimeError as error:
-        raise ValueError(f"weights {directory / WEIGHTS} do not fit the model config "
-                         f"{directory / CONFIG}: {error}") from None
+        raise ValueError(f"weights {where / WEIGHTS} do not fit the model config "
+                         f"{where / CONFIG}: {error}") from None
     model.eval()
     estimator = None
-    if (directory / ESTIMATOR).exists():
+    if (where / ESTIMATOR).exists():
         try:
-            state = safetensors.numpy.load_file(str(directory / ESTIMATOR))
+            state = safetensors.numpy.load_file(str(where / ESTIMATOR))
             estimator = StreamingFrequencyEstimator.from_state_dict(state)
         except Exception as error:  # safetensors' own error types, or a bad state
-            raise ValueError(f"cannot read estimator {directory / ESTIMATOR}: {error}") from None
+            raise ValueError(f"cannot read estimator {where / ESTIMATOR}: {error}") from None
     return model, estimator, config
 
 
-RUN = (CONFIG, WEIGHTS, ESTIMATOR, METRICS, CHECKPOINTS)  # what a training run writes
+RUN = (*MODEL_FILES, CURRENT, PUBLISHED, METRICS, CHECKPOINTS)  # what a training run writes
 
 
 def run_files(directory: str | Path) -> list[str]:
     """What a training run left in ``directory`` (a model, checkpoints, a metrics log)."""
-    return [name for name in RUN if (Path(directory) / name).exists()]
+    return [name for name in RUN if os.path.lexists(Path(directory) / name)]
 
 
 def remove_run(directory: str | Path) -> None:
     """Remove what a training run wrote into ``directory``, leaving anything else there."""
+    remove_leftovers(directory)
     for name in run_files(directory):
         path = Path(directory) / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 class CheckpointError(ValueError):
@@ -248,10 +390,7 @@ def save_checkpoint(directory: str | Path, model: TwoTowerModel,
                STATE: lambda p: p.write_text(text)}
     for file, write in writers.items():
         atomic_write(tmp / file, write)
-    manifest = {"format": FORMAT, "step": state["step"],
-                "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)}
-                          for f in writers}}
-    atomic_write(tmp / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
+    _write_manifest(tmp, list(writers), format=FORMAT, step=state["step"])
     os.rename(tmp, final)
     _fsync_dir(root)
     atomic_write(root / LATEST, lambda p: p.write_text(final.name + "\n"))
@@ -299,17 +438,9 @@ def _verify(where: Path) -> None:
         raise _damaged(where, f"{MANIFEST} is unreadable ({error})") from None
     if manifest.get("format") != FORMAT or set(files) != {WEIGHTS, ESTIMATOR, TRAINING, STATE}:
         raise _damaged(where, f"{MANIFEST} does not describe a {FORMAT}")
-    for file, expected in files.items():
-        path = where / file
-        if not path.exists():
-            raise _damaged(where, f"{file} is missing")
-        size = path.stat().st_size
-        if size != expected["bytes"]:
-            raise _damaged(where, f"{file} has {size} bytes, its manifest says "
-                                  f"{expected['bytes']} (truncated or overwritten)")
-        if _sha256(path) != expected["sha256"]:
-            raise _damaged(where, f"{file} does not match its sha256 in {MANIFEST} (changed "
-                                  "after it was written)")
+    problem = _files_problem(where, files)
+    if problem:
+        raise _damaged(where, problem)
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from twotower.checkpoint import WEIGHTS, atomic_write, fresh_directory, versions
+from twotower.checkpoint import WEIGHTS, atomic_write, fresh_directory, model_files, versions
 
 __all__ = ["EXACT_BELOW", "RECALL_K", "ItemIndex", "check_built_from", "choose_factory",
            "index_items", "model_fingerprint", "recall_at_k"]
@@ -347,7 +347,7 @@ class ItemIndex:
 def model_fingerprint(model_dir: str | Path) -> str:
     """BLAKE2b of a model's weights file: ties an index to the model that embedded its items."""
     digest = hashlib.blake2b(digest_size=16)
-    with open(Path(model_dir) / WEIGHTS, "rb") as f:
+    with open(model_files(model_dir) / WEIGHTS, "rb") as f:
         while chunk := f.read(1 << 22):
             digest.update(chunk)
     return digest.hexdigest()

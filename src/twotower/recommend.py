@@ -21,7 +21,7 @@ from typing import IO
 import numpy as np
 import pyarrow as pa
 
-from twotower.checkpoint import METRICS, load_model
+from twotower.checkpoint import METRICS, load_model, published_metrics_bytes
 from twotower.evaluate import embed
 from twotower.features import Bag, EncodedFeatures, FeatureSpec, bag_from_arrow
 from twotower.hashing import to_int64_ids
@@ -123,15 +123,18 @@ def _history_features(model: TwoTowerModel, config: Mapping) -> list[str]:
             if f.kind == "id_list" and f.table_name in tables]
 
 
-def _last_records(path: Path) -> dict[str, dict]:
-    """The last training record and the last evaluation record of a metrics log.
+def _last_records(path: Path, limit: int | None = None) -> dict[str, dict]:
+    """The last training record and the last evaluation record of a metrics log, within
+    its first ``limit`` bytes (what was logged when the model was published).
 
     Only complete lines are read (a trainer may be appending one right now), and a line
     that is not a JSON object is passed over: this is a report, not a check of the log.
     """
     found: dict[str, dict] = {}
     if path.exists():
-        *complete, _ = path.read_bytes().split(b"\n")
+        with open(path, "rb") as f:
+            text = f.read(-1 if limit is None else limit)
+        *complete, _ = text.split(b"\n")
         for line in complete:
             try:
                 record = json.loads(line)
@@ -301,7 +304,9 @@ class Recommender:
         No paths: a client has no business knowing the server's file layout.
         """
         config = self.model.config
-        metrics = _last_records(Path(self.model_dir) / METRICS) if self.model_dir else {}
+        metrics = _last_records(Path(self.model_dir) / METRICS,
+                                published_metrics_bytes(self.model_dir)) \
+            if self.model_dir else {}
         index = self.index.describe()
         info = index["info"] if isinstance(index["info"], dict) else {}
         index["info"] = {key: info.get(key) for key in ("model_fingerprint", "model_versions")}

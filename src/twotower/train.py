@@ -41,6 +41,7 @@ from twotower.checkpoint import (
     checkpoint_dirs,
     load_checkpoint,
     load_model,
+    remove_leftovers,
     save_checkpoint,
     save_model,
 )
@@ -240,6 +241,8 @@ class Trainer:
         self.estimator = estimator or config.make_estimator()
         self.optimizers = make_optimizers(model, config)
         self.out_dir = Path(out_dir) if out_dir is not None else None
+        if self.out_dir is not None and self.world.main:  # what a killed save left behind
+            remove_leftovers(self.out_dir)
         if metrics_path is None and self.out_dir is not None:
             metrics_path = self.out_dir / METRICS
         self.metrics_path = Path(metrics_path) if metrics_path is not None else None
