@@ -134,3 +134,14 @@ def test_a_checkpoint_is_read_wherever_a_model_directory_is(schema, tmp_path, ca
     capsys.readouterr()
     assert main(["evaluate", str(step), "--split", "time", "--test-fraction", "0.2"]) == 0
     assert json.loads(capsys.readouterr().out)["queries"] > 0
+
+
+def test_threads_are_one_by_default_and_the_user_sets_them(schema, tmp_path):
+    few = ["--split", "time", "--test-fraction", "0.9"]  # a few steps are enough
+    torch.set_num_threads(2)
+    assert train(schema, tmp_path / "a", *few) == 0
+    assert torch.get_num_threads() == 1
+    assert train(schema, tmp_path / "b", *few, "--threads", "2") == 0
+    assert torch.get_num_threads() == 2
+    with pytest.raises(SystemExit):
+        train(schema, tmp_path / "c", "--threads", "0")

@@ -171,6 +171,12 @@ def _train(args: argparse.Namespace) -> int:
     if args.nproc > 1 and "RANK" not in os.environ:  # start the workers, each runs this
         return launch(args.argv, args.nproc)
     init_from_env(args.device)
+    import torch
+
+    # One by default: the towers are small and the tables sparse, so a step gains little
+    # from threads on a quiet machine and loses much on a busy one, where idle OpenMP
+    # threads spin (benchmarks/training/bench_threads.py).
+    torch.set_num_threads(args.threads)
     if not (args.out or args.resume):
         raise ValueError("say where to write the model: --out MODEL_DIR")
     if not args.follow:
@@ -519,6 +525,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "on GPUs; the same as torchrun --nproc-per-node N -m twotower train)")
     p.add_argument("--device", default="auto",
                    help="auto (this worker's GPU when there is one, else cpu), cpu, cuda, ...")
+    p.add_argument("--threads", type=_at_least(1), default=1,
+                   help="torch threads per process (default 1: on a busy machine more "
+                   "threads make a step several times slower; try more on an idle one)")
     p.add_argument("--user-column", default="user_id", help="without --schema")
     p.add_argument("--item-column", default="item_id", help="without --schema")
     p.add_argument("--time-column", default="timestamp", help="without --schema")
