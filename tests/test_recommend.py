@@ -235,3 +235,19 @@ def test_cli_index_and_recommend(artifacts, tmp_path, capsys):
     add_commands(parsed.add_subparsers(dest="command"))
     args = parsed.parse_args(["serve", str(model)])
     assert args.host == "127.0.0.1" and args.index is None
+
+
+def test_model_info_reports_the_metrics_logged_up_to_the_published_model(tmp_path):
+    from twotower.checkpoint import load_model, save_model
+
+    model_dir = make_model(tmp_path / "model")
+    metrics = model_dir / "metrics.jsonl"
+    metrics.write_text('{"step": 20, "loss": 4.5}\n{"event": "eval", "recall@10": 0.25}\n')
+    model, estimator, config = load_model(model_dir)
+    save_model(model_dir, model, estimator, {"columns": config["columns"]})  # published here
+    index = index_items(model_dir, make_items(tmp_path / "items.parquet")).save(tmp_path / "ix")
+    with open(metrics, "a") as f:  # training goes on; nothing published since
+        f.write('{"step": 40, "loss": 3.9}\n{"event": "eval", "recall@10": 0.5}\n')
+    described = Recommender.load(model_dir, index).describe()["model"]["metrics"]
+    assert described == {"train": {"step": 20, "loss": 4.5},
+                         "eval": {"event": "eval", "recall@10": 0.25}}
