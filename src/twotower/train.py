@@ -307,6 +307,12 @@ class Trainer:
         of its best epoch (the summary says which). Stops early, after the
         current batch, once :attr:`stop_requested` is set (see :func:`stop_on_signals`);
         the summary then says ``stopped``.
+
+        An input already trained on gets more epochs if it was the last one and
+        ``config.epochs`` grew; otherwise it is skipped, the summary's ``reason`` says why. A
+        run that stopped partway through an input refuses any other input (``ValueError``
+        naming both); a loss or weights that become non-finite raise
+        :class:`TrainingDiverged` before the step is saved.
         """
         name = name or input_name(data)
         stopped_in = self.position.input
@@ -389,8 +395,9 @@ class Trainer:
     def _diverged(self, what: str) -> str:
         """What a run that diverged says: the step, and what is left to use."""
         kept = checkpoint_dirs(self.out_dir) if self.out_dir is not None else []
-        left = (f"the last good checkpoint, {kept[-1]}, is kept (train again from there with "
-                "a lower --lr or a higher --temperature)" if kept else
+        left = (f"the last good checkpoint, {kept[-1]}, is kept (it resumes with the same "
+                "learning rate and temperature, so to get past this step train anew with a "
+                "lower --lr or a higher --temperature)" if kept else
                 "no checkpoint was written")
         return (f"{what} at step {self.step}; training stopped there, nothing of that step "
                 f"was saved, and {left}")
@@ -535,7 +542,7 @@ class TrainingStopped(Exception):
 
 
 class TrainingDiverged(ValueError):
-    """The loss became NaN or infinite; the step that did it was not saved."""
+    """The loss or the weights became NaN or infinite; the step that did it was not saved."""
 
 
 @contextmanager
