@@ -90,14 +90,29 @@ def _split_choice(args: argparse.Namespace, schema, stored: dict) -> tuple[str |
     cutoff = args.cutoff if explicit else same.get("cutoff", from_schema.get("cutoff"))
     fraction = args.test_fraction if explicit else \
         same.get("test_fraction", from_schema.get("test_fraction"))
-    return kind, {k: v for k, v in (("cutoff", cutoff), ("test_fraction", fraction))
-                  if v is not None}
+    column = same.get("column", from_schema.get("column"))
+    if kind == "column" and column is None:
+        raise ValueError("--split column needs the schema's split to name its column "
+                         "(split: {kind: column, column: NAME})")
+    return kind, {k: v for k, v in (("cutoff", cutoff), ("test_fraction", fraction),
+                                    ("column", column)) if v is not None}
+
+
+def _split(kind: str, params: dict, interactions):
+    """The split of a log in memory (a column split reads its events column)."""
+    from twotower.data.splits import split_log
+
+    parts = None
+    if kind == "column":
+        parts = interactions.query_columns([params["column"]])[params["column"]]
+        parts = parts.to_numpy(zero_copy_only=False)
+    return split_log(kind, interactions.user, interactions.timestamp, parts=parts, **params)
 
 
 def _train_new(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from twotower.data.splits import cutoff_for_fraction, split_log
+    from twotower.data.splits import cutoff_for_fraction
     from twotower.distributed import World
     from twotower.train import TrainConfig
 
@@ -119,9 +134,9 @@ def _train_new(args: argparse.Namespace) -> int:
         from twotower.data.streaming import EventStream, StreamingTrainingData
         from twotower.experiment import fit_stream, schema_model_config, stream_ids
 
-        if kind == "leave-last-out":
-            raise ValueError("leave-last-out needs every user's last events, so the whole "
-                             "log; with --streaming use --split time (or load in memory)")
+        if kind in ("leave-last-out", "column"):
+            raise ValueError(f"a {kind} split needs the whole log; with --streaming use "
+                             "--split time (or load in memory)")
         stream = EventStream(schema)
         if kind == "time" and "cutoff" not in params:
             if "test_fraction" not in params:
@@ -140,7 +155,7 @@ def _train_new(args: argparse.Namespace) -> int:
         rows = np.arange(len(interactions))
         split, valid = {"kind": "none"}, None
         if kind is not None:
-            parts = split_log(kind, interactions.user, interactions.timestamp, **params)
+            parts = _split(kind, params, interactions)
             rows, valid, split = parts.train, parts.valid, {**params, **parts.summary()}
         model_config = schema_model_config(schema, memory_ids(interactions))
         fit(prepare(interactions, model_config), rows, config, args.out, not args.quiet,
@@ -178,12 +193,11 @@ def _train_rows(args: argparse.Namespace, schema, interactions):
     """The rows of a log in memory to train on: all, or the train part of the split."""
     import numpy as np
 
-    from twotower.data.splits import split_log
 
     kind, params = _split_choice(args, schema, {})
     if kind in (None, "none"):
         return np.arange(len(interactions)), {"kind": "none"}
-    parts = split_log(kind, interactions.user, interactions.timestamp, **params)
+    parts = _split(kind, params, interactions)
     return parts.train, {**params, **parts.summary()}
 
 
@@ -261,7 +275,6 @@ def _follow(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from twotower.checkpoint import load_model
-    from twotower.data.splits import split_log
     from twotower.experiment import prepare, score
     from twotower.index_eval import format_side_by_side, index_score
 
@@ -272,7 +285,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise ValueError("say which events to test on: --split time --cutoff T (or "
                          "--test-fraction F), or --split leave-last-out")
     interactions = _load(schema)
-    split = split_log(kind, interactions.user, interactions.timestamp, **params)
+    split = _split(kind, params, interactions)
     rows = split.part(args.on)
     if len(rows) == 0:
         raise ValueError(f"the {kind} split has no {args.on} events ({split.summary()})")

@@ -24,7 +24,7 @@ is wrong with it. Relative paths are relative to the schema file. A complete exa
     tables:
       item: {buckets: 262144, dim: 32}      # default: buckets auto, dim from model
     model: {dim: 32, hidden: [256], output_dim: 64, temperature: 0.05}
-    split: {kind: time, test_fraction: 0.1}  # or {kind: leave-last-out}
+    split: {kind: time, test_fraction: 0.1}  # or {kind: leave-last-out}, {kind: column, ...}
 
 A query feature is an events column, or, with ``history``, the given item column over
 the user's newest ``length`` items strictly before the event. Features naming the same
@@ -140,19 +140,24 @@ class CleaningConfig(_Strict):
 
 
 class SplitConfig(_Strict):
-    """``time`` (with ``cutoff`` or ``test_fraction``) or ``leave-last-out``."""
+    """``time`` (with ``cutoff`` or ``test_fraction``), ``leave-last-out``, or ``column``
+    (an events column of ``train`` / ``valid`` / ``test``)."""
 
-    kind: Literal["time", "leave-last-out"]
+    kind: Literal["time", "leave-last-out", "column"]
     cutoff: int | None = None
     test_fraction: float | None = Field(default=None, gt=0, lt=1)
+    column: str | None = Field(default=None, min_length=1)
 
     @model_validator(mode="after")
     def _parameters(self) -> SplitConfig:
         given = (self.cutoff is not None) + (self.test_fraction is not None)
         if self.kind == "time" and given != 1:
             raise ValueError("a time split needs exactly one of cutoff or test_fraction")
-        if self.kind == "leave-last-out" and given:
-            raise ValueError("a leave-last-out split takes no cutoff or test_fraction")
+        if self.kind != "time" and given:
+            raise ValueError(f"a {self.kind} split takes no cutoff or test_fraction")
+        if (self.kind == "column") != (self.column is not None):
+            raise ValueError("a column split names its column (`column: NAME`), and only it "
+                             "does")
         return self
 
 
@@ -231,12 +236,14 @@ class Schema(_Strict):
                 if f.history is not None]
 
     def context(self) -> list[str]:
-        """Event columns the query features read, besides the user column."""
+        """Event columns the query features (and a column split) read, besides the user."""
         names = []
         for f in self.query_features:
             if f.history is None and f.name != self.events.user:
                 names += [f.name] + ([f.weights] if f.weights else [])
-        return names
+        if self.split is not None and self.split.column is not None:
+            names.append(self.split.column)
+        return list(dict.fromkeys(names))
 
     def cleaning_steps(self) -> Cleaning:
         return Cleaning(**self.cleaning.model_dump())
