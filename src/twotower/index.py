@@ -48,6 +48,7 @@ META = "index.json"
 EMBEDDINGS = "embeddings.npy"
 POPULARITY = "log_popularity.npy"
 LABELS = "labels.json"
+_FILES = frozenset({KEYS, FAISS, META, EMBEDDINGS, POPULARITY, LABELS})
 
 EXACT_BELOW = 100_000
 RECALL_K = 100
@@ -86,17 +87,34 @@ def _search_ladder(index: object, factory: str) -> tuple[str, list[int]] | None:
     return None
 
 
+def _written_by_us(meta: Path) -> bool:
+    """Whether ``meta`` is an index description that :meth:`ItemIndex.save` wrote."""
+    try:
+        return "twotower" in json.loads(meta.read_text()).get("versions", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _replace_directory(directory: Path, write: Callable[[Path], None]) -> None:
     """Write a fresh sibling directory, then rename it into place.
 
     A reader sees the old directory or the new one, never a mix of their files (between
     the two renames, for an instant, neither: a loader then fails and can retry). An
-    existing directory is only replaced if it is empty or an index directory.
+    existing directory is only replaced if it holds nothing but index files, so nothing
+    twotower did not write is ever deleted.
     """
     directory = Path(directory)
-    if directory.exists() and any(directory.iterdir()) and not (directory / META).exists():
-        raise ValueError(f"{directory} exists and is not an index directory; refusing "
-                         "to replace it (choose another output directory)")
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"index output {directory} is a file, not a directory; choose "
+                         "another output directory")
+    present = sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+    foreign = [name for name in present if name not in _FILES]
+    if foreign or (present and not _written_by_us(directory / META)):
+        what = f"files an index does not ({', '.join(foreign[:5])})" if foreign else \
+            f"a {META} that twotower did not write"
+        raise ValueError(f"index output {directory} is not an index directory: it holds "
+                         f"{what}; refusing to replace it (choose another output directory, "
+                         "or an empty one)")
     directory.parent.mkdir(parents=True, exist_ok=True)
     fresh = fresh_directory(directory.parent, f".{directory.name}.new.")
     old = None
