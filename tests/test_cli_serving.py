@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
 import pytest
 
 from tiny_serving import make_artifacts
@@ -43,3 +46,61 @@ def test_index_out_a_file_is_a_clear_error(artifacts, tmp_path, capsys):
     assert main(["index", str(model), "--items", str(items), "--out", str(target)]) == 2
     assert "is a file, not a directory" in capsys.readouterr().err
     assert target.read_text() == "keep"
+
+
+def _queries(path: Path, rows: int, bad_row: int | None = None) -> Path:
+    users = [i % 50 for i in range(rows)]
+    if bad_row is not None:
+        users[bad_row] = None
+    table = pa.table({"user_id": pa.array(users, pa.int64()),
+                      "history": [[i % 300, (i * 7) % 300] for i in range(rows)]})
+    pq.write_table(table, path)
+    return path
+
+
+@pytest.mark.parametrize("option", [["--batch-size", "-1"], ["--batch-size", "0"],
+                                    ["-k", "0"], ["--popularity-penalty", "nan"]])
+def test_recommend_options_are_checked(artifacts, tmp_path, capsys, option):
+    model, _, index = artifacts
+    queries = _queries(tmp_path / "q.parquet", 3)
+    with pytest.raises(SystemExit) as exit_:
+        main(["recommend", str(model), "--index", str(index), "--queries", str(queries),
+              "--out", str(tmp_path / "out.jsonl"), *option])
+    assert exit_.value.code == 2
+    assert option[0] in capsys.readouterr().err
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_recommend_out_is_complete_or_absent_and_the_error_names_the_row(artifacts, tmp_path,
+                                                                         capsys):
+    model, _, index = artifacts
+    out = tmp_path / "out.jsonl"
+    good = _queries(tmp_path / "good.parquet", 2000)
+    assert main(["recommend", str(model), "--index", str(index), "--queries", str(good),
+                 "--out", str(out)]) == 0
+    assert len(out.read_text().splitlines()) == 2000
+    assert "top-10 for 2,000 queries" in capsys.readouterr().err
+    bad = _queries(tmp_path / "bad.parquet", 2000, bad_row=1500)
+    fresh = tmp_path / "fresh.jsonl"
+    assert main(["recommend", str(model), "--index", str(index), "--queries", str(bad),
+                 "--out", str(fresh)]) == 2
+    err = capsys.readouterr().err
+    assert "row 1500" in err and "user_id" in err and "1024-1999" not in err
+    assert not fresh.exists()
+    assert main(["recommend", str(model), "--index", str(index), "--queries", str(bad),
+                 "--out", str(out)]) == 2
+    assert len(out.read_text().splitlines()) == 2000  # the earlier output, untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.parquet", "good.parquet",
+                                                          "out.jsonl"]
+
+
+def test_recommend_names_the_row_of_a_bad_id_in_a_text_list(artifacts, tmp_path, capsys):
+    model, _, index = artifacts
+    histories = ["1 2"] * 1200
+    histories[1100] = f"3 {2 ** 70}"
+    pcsv.write_csv(pa.table({"user_id": list(range(1200)), "history": histories}),
+                   tmp_path / "q.csv")
+    assert main(["recommend", str(model), "--index", str(index), "--queries",
+                 str(tmp_path / "q.csv"), "--out", str(tmp_path / "out.jsonl")]) == 2
+    assert "column 'history' at row 1100" in capsys.readouterr().err
+    assert not (tmp_path / "out.jsonl").exists()
