@@ -1,10 +1,12 @@
 """``twotower index`` and ``twotower recommend`` through ``main([...])``: options, output
-files and what they never delete."""
+files, what they never delete, and item keys that come back exactly."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
@@ -13,6 +15,7 @@ import pytest
 from tiny_serving import make_artifacts
 from twotower.cli import main
 from twotower.index import ItemIndex
+from twotower.recommend import Recommender
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +107,49 @@ def test_recommend_names_the_row_of_a_bad_id_in_a_text_list(artifacts, tmp_path,
                  str(tmp_path / "q.csv"), "--out", str(tmp_path / "out.jsonl")]) == 2
     assert "column 'history' at row 1100" in capsys.readouterr().err
     assert not (tmp_path / "out.jsonl").exists()
+
+
+BIG = [2 ** 64 - 1, 2 ** 63, 2 ** 63 + 5] + [2 ** 63 + 1000 + i for i in range(37)]
+
+
+def _uint64_log(directory: Path) -> tuple[Path, Path]:
+    """Items keyed by unsigned 64-bit integers from 2**63, and a log of them."""
+    rng = np.random.default_rng(0)
+    items = pa.table({"item_id": pa.array(BIG, pa.uint64()),
+                      "channel": [i % 4 for i in range(len(BIG))],
+                      "category": [i % 3 for i in range(len(BIG))]})
+    n = 3000
+    events = pa.table({"user_id": rng.integers(0, 60, n),
+                       "item_id": pa.array([BIG[i] for i in rng.zipf(1.5, n) % len(BIG)],
+                                           pa.uint64()),
+                       "timestamp": np.arange(n), "reward": np.ones(n)})
+    pq.write_table(items, directory / "items.parquet")
+    pq.write_table(events, directory / "events.parquet")
+    return directory / "events.parquet", directory / "items.parquet"
+
+
+def test_unsigned_item_keys_from_2_63_come_back_exactly(tmp_path, capsys):
+    events, items = _uint64_log(tmp_path)
+    model, index = tmp_path / "m", tmp_path / "ix"
+    assert main(["train", "--events", str(events), "--items", str(items), "--out", str(model),
+                 "--batch-size", "128", "--quiet"]) == 0
+    assert main(["index", str(model), "--items", str(items), "--out", str(index)]) == 0
+    pq.write_table(pa.table({"user_id": [1, 2, 3],
+                             "history": pa.array([[BIG[0], BIG[1]], [], [BIG[2]]],
+                                                 pa.list_(pa.uint64()))}),
+                   tmp_path / "q.parquet")
+    out = tmp_path / "out.jsonl"
+    assert main(["recommend", str(model), "--index", str(index), "--queries",
+                 str(tmp_path / "q.parquet"), "-k", "40", "--exclude-seen",
+                 "--out", str(out)]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [len(r["items"]) for r in records] == [38, 40, 39]
+    assert all(set(r["items"]) <= set(BIG) for r in records)
+    assert BIG[0] not in records[0]["items"] and BIG[2] not in records[2]["items"]
+    # The same keys in a request: accepted, hashed as in training, excluded exactly.
+    recommender = Recommender.load(model, index)
+    [result] = recommender.recommend_queries([recommender.parse(
+        {"user_id": 1, "history": [BIG[0], BIG[1]]}, k=40, exclude=[BIG[0], BIG[2]])])
+    assert sorted(result.keys) == sorted(set(BIG) - {BIG[0], BIG[2]})
+    assert recommender.parse({"user_id": 2 ** 64 - 1, "history": []}).features["user_id"] == -1
+

@@ -147,7 +147,7 @@ class ItemIndex:
     def __init__(self, index: object, keys: np.ndarray, factory: str,
                  embeddings: np.ndarray | None = None,
                  log_popularity: np.ndarray | None = None,
-                 labels: list[str] | None = None, meta: dict | None = None) -> None:
+                 labels: list[str | int] | None = None, meta: dict | None = None) -> None:
         self.index = index
         self.keys = np.asarray(keys, dtype=np.int64)
         self.factory = factory
@@ -168,7 +168,8 @@ class ItemIndex:
 
     @classmethod
     def build(cls, embeddings: np.ndarray, keys: np.ndarray, factory: str = "auto", *,
-              log_popularity: np.ndarray | None = None, labels: Sequence[str] | None = None,
+              log_popularity: np.ndarray | None = None,
+              labels: Sequence[str | int] | None = None,
               search_params: dict[str, int] | None = None, exact_below: int = EXACT_BELOW,
               target_recall: float = 0.95, recall_queries: np.ndarray | None = None,
               num_recall_queries: int = 1000, recall_penalties: Sequence[float] = (0.0,),
@@ -179,8 +180,10 @@ class ItemIndex:
             factory: a faiss factory string, or ``"auto"`` (see :func:`choose_factory`).
             log_popularity: ``[num_items]`` log p_hat, folded in as one extra column so
                 searches can take a popularity penalty.
-            labels: the items' original keys when they are strings (``keys`` then holds
-                their 64-bit hashes); returned instead of ``keys`` by the recommender.
+            labels: the items' original keys when ``keys`` cannot show them: strings
+                (``keys`` then holds their 64-bit hashes) or unsigned integers from 2**63
+                (``keys`` holds the same 64 bits as negative ``int64``); returned instead
+                of ``keys`` by the recommender.
             search_params: fixes e.g. ``{"efSearch": 256}`` instead of tuning it.
             recall_queries: ``[num_queries, dim]`` queries for the recall check; default: a
                 sample of the item embeddings themselves.
@@ -380,11 +383,13 @@ def index_items(model_dir: str | Path, items: str | Path, factory: str = "auto",
     and recall is also measured at beta = temperature. ``options`` go to
     :meth:`ItemIndex.build`.
     """
+    import pyarrow as pa
+
     from twotower.checkpoint import load_model
+    from twotower.data.checks import ids
     from twotower.data.interactions import read_table
     from twotower.evaluate import embed
     from twotower.features import EncodedFeatures
-    from twotower.hashing import to_int64_ids
 
     model, estimator, config = load_model(model_dir)
     table = read_table(items, "items")
@@ -394,14 +399,19 @@ def index_items(model_dir: str | Path, items: str | Path, factory: str = "auto",
     if key_column not in table.column_names:
         raise KeyError(f"{where}: item key column {key_column!r} not found; columns are "
                        f"{table.column_names}")
-    keys = to_int64_ids(table.column(key_column))
+    keys = ids(table, key_column, where)
+    column = table.column(key_column)
     unique, counts = np.unique(keys, return_counts=True)
     if (counts > 1).any():
+        first = np.flatnonzero(np.isin(keys, unique[counts > 1]))
+        shown = list(dict.fromkeys(column.take(first).to_pylist()))[:5]
         raise ValueError(f"{where}: {int((counts > 1).sum())} duplicate item key(s) in column "
-                         f"{key_column!r}, for example {unique[counts > 1][:5].tolist()}")
-    column_type = table.column(key_column).type
-    labels = None if str(column_type).startswith(("int", "uint")) else \
-        [str(v) for v in table.column(key_column).to_pylist()]
+                         f"{key_column!r}, for example {shown}")
+    if pa.types.is_integer(column.type):  # uint64 keys from 2**63 wrap in int64: keep them
+        labels = column.to_pylist() if (keys < 0).any() and pa.types.is_uint64(column.type) \
+            else None
+    else:
+        labels = [str(v) for v in column.to_pylist()]
     specs = model.config.item_features
     names = {f.name for f in specs} | {f.weights for f in specs if f.weights}
     found = {n: table.column(n) for n in table.column_names if n in names}

@@ -44,7 +44,8 @@ class QueryError(ValueError):
 
 @dataclass
 class Query:
-    """One checked query: raw ids as ``int64`` (ints kept, strings hashed), dense as floats."""
+    """One checked query: raw ids as ``int64`` (ints kept as their 64 bits, strings hashed),
+    dense as floats."""
 
     features: dict[str, object]
     k: int = 10
@@ -64,6 +65,9 @@ def _ids(values: object, loc: Sequence[str | int]) -> np.ndarray:
     """``int64`` ids of a JSON list of ints and strings (strings hashed as in training)."""
     if not isinstance(values, list):
         raise QueryError("expected a list of ids (integers or strings)", loc)
+    # An unsigned id from 2**63 is read as the same 64 bits in int64, as training reads a
+    # uint64 column: it hashes to the same rows and matches the index's keys.
+    values = [v - 2 ** 64 if type(v) is int and _INT64[1] < v < 2 ** 64 else v for v in values]
     out = np.empty(len(values), np.int64)
     strings = []
     for i, value in enumerate(values):
