@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -46,6 +47,7 @@ STATE = "state.json"
 TRAINING = "training.safetensors"  # optimizer states and RNG
 MANIFEST = "manifest.json"
 FORMAT = "twotower-checkpoint"
+_STEP_NAME = re.compile(r"step-\d{12,}(-\d+)?")
 
 
 def versions() -> dict[str, str]:
@@ -79,9 +81,11 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; artifacts get the usual mode
     try:
         write(Path(tmp))
+        # mkstemp makes 0600, and some writers (safetensors) make the file anew: artifacts
+        # get the usual mode once written.
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -219,6 +223,23 @@ def save_checkpoint(directory: str | Path, model: TwoTowerModel,
         n += 1
         final = root / f"{name}-{n}"
     tmp = fresh_directory(root, f".{final.name}.")
+    try:
+        _write_checkpoint(tmp, final, model, estimator, optimizers, state)
+    except (OSError, safetensors.SafetensorError) as error:  # e.g. the disk is full
+        shutil.rmtree(tmp, ignore_errors=True)
+        complete = [p for p in checkpoint_dirs(directory) if p != final]
+        kept = f"the last complete checkpoint, {complete[-1]}, is intact (resume from it " \
+            "once there is room)" if complete else "no earlier checkpoint exists"
+        raise CheckpointError(f"could not write checkpoint {final}: {error}; {kept}") from None
+    for old in checkpoint_dirs(directory)[:-keep] + list(root.glob(".step-*")):
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_checkpoint(tmp: Path, final: Path, model: TwoTowerModel,
+                      estimator: StreamingFrequencyEstimator,
+                      optimizers: list[torch.optim.Optimizer], state: dict) -> None:
+    """Fill ``tmp`` (files, then the manifest), rename it to ``final``, point LATEST at it."""
     tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
     structure = [_encode(o.state_dict(), f"optimizer.{i}", tensors)
                  for i, o in enumerate(optimizers)]
@@ -237,11 +258,8 @@ def save_checkpoint(directory: str | Path, model: TwoTowerModel,
                           for f in writers}}
     atomic_write(tmp / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
     os.rename(tmp, final)
-    _fsync_dir(root)
-    atomic_write(root / LATEST, lambda p: p.write_text(final.name + "\n"))
-    for old in checkpoint_dirs(directory)[:-keep] + list(root.glob(".step-*")):
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    _fsync_dir(final.parent)
+    atomic_write(final.parent / LATEST, lambda p: p.write_text(final.name + "\n"))
 
 
 def _resolve(path: Path) -> Path:
@@ -249,11 +267,22 @@ def _resolve(path: Path) -> Path:
     if (path / MANIFEST).exists() or path.name.startswith("step-"):
         return path
     latest = path / CHECKPOINTS / LATEST
+    complete = checkpoint_dirs(path)
+    remaining = f"; complete checkpoints: {', '.join(str(p) for p in complete)} (resume " \
+        "from one by naming it, the newest last)" if complete else ""
     if not latest.exists():
+        advice = remaining or ": resume from a model directory written by `twotower train`, " \
+            "or train a new model"
         raise CheckpointError(f"{path} holds no training checkpoint ({CHECKPOINTS}/{LATEST} is "
-                              "missing): resume from a model directory written by `twotower "
-                              "train`, or train a new model")
-    return path / CHECKPOINTS / latest.read_text().strip()
+                              f"missing){advice}")
+    try:
+        name = latest.read_bytes().decode().strip()
+    except UnicodeDecodeError:
+        name = None
+    if name is None or not _STEP_NAME.fullmatch(name):
+        raise CheckpointError(f"{latest} is damaged (it does not name a checkpoint)"
+                              f"{remaining or '; no complete checkpoint is left, so retrain'}")
+    return path / CHECKPOINTS / name
 
 
 def _damaged(where: Path, what: str) -> CheckpointError:
