@@ -35,7 +35,7 @@ from twotower.frequency import StreamingFrequencyEstimator
 from twotower.towers import ModelConfig, TwoTowerModel
 
 __all__ = ["Checkpoint", "CheckpointError", "atomic_write", "checkpoint_dirs", "load_checkpoint",
-           "load_model", "save_checkpoint", "save_model", "versions"]
+           "load_model", "save_checkpoint", "save_model", "sha256_of", "versions"]
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -161,7 +161,8 @@ class Checkpoint:
     state: dict
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in chunks (artifacts can be large)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
@@ -254,7 +255,7 @@ def _write_checkpoint(tmp: Path, final: Path, model: TwoTowerModel,
     for file, write in writers.items():
         atomic_write(tmp / file, write)
     manifest = {"format": FORMAT, "step": state["step"],
-                "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)}
+                "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": sha256_of(tmp / f)}
                           for f in writers}}
     atomic_write(tmp / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
     os.rename(tmp, final)
@@ -314,7 +315,7 @@ def _verify(where: Path) -> None:
         if size != expected["bytes"]:
             raise _damaged(where, f"{file} has {size} bytes, its manifest says "
                                   f"{expected['bytes']} (truncated or overwritten)")
-        if _sha256(path) != expected["sha256"]:
+        if sha256_of(path) != expected["sha256"]:
             raise _damaged(where, f"{file} does not match its sha256 in {MANIFEST} (changed "
                                   "after it was written)")
 

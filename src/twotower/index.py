@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from twotower.checkpoint import WEIGHTS, atomic_write, fresh_directory, versions
+from twotower.checkpoint import WEIGHTS, atomic_write, fresh_directory, sha256_of, versions
 
 __all__ = ["EXACT_BELOW", "RECALL_K", "ItemIndex", "choose_factory", "index_items",
            "model_fingerprint", "recall_at_k"]
@@ -325,6 +325,9 @@ class ItemIndex:
             if self.labels is not None:
                 atomic_write(target / LABELS, lambda p: p.write_text(json.dumps(self.labels)))
             atomic_write(target / FAISS, lambda p: faiss.write_index(self.index, str(p)))
+            # Written last, with the size and sha256 of every other file: load checks them.
+            meta["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_of(p)}
+                             for p in sorted(target.iterdir())}
             atomic_write(target / META, lambda p: p.write_text(json.dumps(meta, indent=2)))
 
         _replace_directory(directory, write)
@@ -333,7 +336,11 @@ class ItemIndex:
 
     @classmethod
     def load(cls, directory: str | Path) -> ItemIndex:
-        """Read an index directory written by :meth:`save` (embeddings are memory-mapped)."""
+        """Read an index directory written by :meth:`save` (embeddings are memory-mapped).
+
+        Every file is checked against the size and sha256 that ``index.json`` records, so
+        a damaged index is an error naming the file, never served.
+        """
         import faiss
 
         directory = Path(directory)
@@ -341,6 +348,10 @@ class ItemIndex:
             raise FileNotFoundError(f"{directory} is not an index directory (no {META})")
         try:
             meta = json.loads((directory / META).read_text())
+        except (OSError, ValueError) as error:
+            raise ValueError(f"cannot read {directory / META}: {error}") from None
+        files = _verify(directory, meta)
+        try:
             keys = np.load(directory / KEYS, allow_pickle=False)
             index = faiss.read_index(str(directory / FAISS))
         except (OSError, ValueError, RuntimeError) as error:
@@ -350,11 +361,10 @@ class ItemIndex:
                              f"{len(keys)} keys")
 
         def optional(name: str) -> np.ndarray | None:
-            path = directory / name
-            return np.load(path, mmap_mode="r", allow_pickle=False) if path.exists() else None
+            return np.load(directory / name, mmap_mode="r", allow_pickle=False) \
+                if name in files else None
 
-        labels = json.loads((directory / LABELS).read_text()) \
-            if (directory / LABELS).exists() else None
+        labels = json.loads((directory / LABELS).read_text()) if LABELS in files else None
         loaded = cls(index, keys, meta["factory"], optional(EMBEDDINGS), optional(POPULARITY),
                      labels, meta)
         if loaded.popularity is not None and index.d != loaded.dim + 1:
@@ -363,6 +373,30 @@ class ItemIndex:
         if meta.get("search_params"):
             loaded.set_search_params(meta["search_params"])
         return loaded
+
+
+def _verify(directory: Path, meta: object) -> set[str]:
+    """The index's files, each checked against its size and sha256 in ``index.json``."""
+    files = meta.get("files") if isinstance(meta, dict) else None
+    if not isinstance(files, dict) or KEYS not in files or FAISS not in files:
+        raise ValueError(f"{directory / META} lists no checksums of the index files (written "
+                         "by an older twotower, or not by twotower); rebuild the index with "
+                         "`twotower index`")
+    for name, expected in files.items():
+        path = directory / name
+        if name not in _FILES or name == META or not isinstance(expected, dict):
+            raise ValueError(f"{directory / META} is damaged: its entry for {name!r} is not "
+                             "one the index writes; rebuild the index with `twotower index`")
+        if not path.is_file():
+            raise ValueError(f"index {directory} is damaged: {name} is missing; rebuild it "
+                             "with `twotower index`")
+        size = path.stat().st_size
+        if size != expected.get("bytes") or sha256_of(path) != expected.get("sha256"):
+            change = f"has {size} bytes, {META} says {expected.get('bytes')}" \
+                if size != expected.get("bytes") else f"does not match its sha256 in {META}"
+            raise ValueError(f"index {directory} is damaged: {name} {change} (changed after "
+                             "it was written); rebuild it with `twotower index`")
+    return set(files)
 
 
 def model_fingerprint(model_dir: str | Path) -> str:
