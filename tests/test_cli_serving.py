@@ -51,12 +51,17 @@ def test_index_out_a_file_is_a_clear_error(artifacts, tmp_path, capsys):
     assert target.read_text() == "keep"
 
 
-def _queries(path: Path, rows: int, bad_row: int | None = None) -> Path:
+def _queries(path: Path, rows: int, bad_user: int | None = None,
+             bad_history: int | None = None) -> Path:
+    """Queries of the tiny model; a null user id, or a null id in a history, at a row."""
     users = [i % 50 for i in range(rows)]
-    if bad_row is not None:
-        users[bad_row] = None
+    histories = [[i % 300, (i * 7) % 300] for i in range(rows)]
+    if bad_user is not None:
+        users[bad_user] = None
+    if bad_history is not None:
+        histories[bad_history][1] = None
     table = pa.table({"user_id": pa.array(users, pa.int64()),
-                      "history": [[i % 300, (i * 7) % 300] for i in range(rows)]})
+                      "history": pa.array(histories, pa.list_(pa.int64()))})
     pq.write_table(table, path)
     return path
 
@@ -83,13 +88,20 @@ def test_recommend_out_is_complete_or_absent_and_the_error_names_the_row(artifac
                  "--out", str(out)]) == 0
     assert len(out.read_text().splitlines()) == 2000
     assert "top-10 for 2,000 queries" in capsys.readouterr().err
-    bad = _queries(tmp_path / "bad.parquet", 2000, bad_row=1500)
+    bad = _queries(tmp_path / "bad.parquet", 2000, bad_user=1500)
     fresh = tmp_path / "fresh.jsonl"
     assert main(["recommend", str(model), "--index", str(index), "--queries", str(bad),
                  "--out", str(fresh)]) == 2
     err = capsys.readouterr().err
     assert "row 1500" in err and "user_id" in err and "1024-1999" not in err
     assert not fresh.exists()
+    holed = _queries(tmp_path / "holed.parquet", 2000, bad_history=1800)
+    assert main(["recommend", str(model), "--index", str(index), "--queries", str(holed),
+                 "--out", str(fresh)]) == 2
+    err = capsys.readouterr().err
+    assert "row 1800" in err and "'history'" in err and str(holed) in err
+    assert not fresh.exists()
+    holed.unlink()
     assert main(["recommend", str(model), "--index", str(index), "--queries", str(bad),
                  "--out", str(out)]) == 2
     assert len(out.read_text().splitlines()) == 2000  # the earlier output, untouched

@@ -105,10 +105,13 @@ class Bag:
         return cls(values, offsets, flat_w)
 
 
-def bag_from_arrow(column: pa.Array | pa.ChunkedArray, name: str, numeric: bool = False) -> Bag:
-    """A :class:`Bag` from an Arrow list column (nulls become empty bags).
+def bag_from_arrow(column: pa.Array | pa.ChunkedArray, name: str, numeric: bool = False,
+                   where: str = "input", first_row: int = 0) -> Bag:
+    """A :class:`Bag` from an Arrow list column (null lists become empty bags).
 
     With ``numeric`` the list holds numbers (weights), kept as ``float32`` in ``weights``.
+    A null id inside a list is an error naming ``where`` and its row, counted from
+    ``first_row``.
     """
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
@@ -122,6 +125,11 @@ def bag_from_arrow(column: pa.Array | pa.ChunkedArray, name: str, numeric: bool 
     if numeric:
         numbers = values.to_numpy(zero_copy_only=False).astype(np.float32)
         return Bag(np.zeros(len(numbers), np.int64), offsets - offsets[0], numbers)
+    if values.null_count:
+        position = np.argmax(values.is_null().to_numpy(zero_copy_only=False))
+        row = first_row + int(np.searchsorted(offsets - offsets[0], position, "right")) - 1
+        raise ValueError(f"{where}: id_list {name!r} holds {values.null_count} null id(s), "
+                         f"first in the list at row {row}")
     return Bag(to_int64_ids(values), offsets - offsets[0])
 
 
@@ -206,21 +214,11 @@ class EncodedFeatures:
 
 
 def _null_row(column: object, first_row: int) -> str:
-    """`` (first at row N)`` for the first null of an Arrow column (or the first list
-    holding a null id), else nothing."""
-    if not isinstance(column, pa.Array | pa.ChunkedArray):
+    """`` (first at row N)`` for the first null of an Arrow column, else nothing."""
+    if not isinstance(column, pa.Array | pa.ChunkedArray) or not column.null_count:
         return ""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    if column.null_count:
-        row = int(np.argmax(column.is_null().to_numpy(zero_copy_only=False)))
-    elif (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)) \
-            and column.values.null_count:
-        position = np.argmax(column.values.is_null().to_numpy(zero_copy_only=False))
-        row = int(np.searchsorted(column.offsets.to_numpy(), position, side="right")) - 1
-    else:
-        return ""
-    return f" (first at row {first_row + row})"
+    nulls = column.is_null()
+    return f" (first at row {first_row + int(np.argmax(nulls.to_numpy(zero_copy_only=False)))})"
 
 
 def _bag_weights(bag: Bag, column: object, spec: FeatureSpec, where: str,
@@ -276,11 +274,7 @@ def _encode(spec: FeatureSpec, tables: Mapping[str, TableSpec], column: object,
                               f"{_null_row(column, first_row)}") from None
         return hash_buckets(ids, table.num_buckets, seed)
     if isinstance(column, pa.Array | pa.ChunkedArray):
-        try:
-            bag = bag_from_arrow(column, spec.name)
-        except ValueError as error:  # null ids inside the lists
-            raise ValueError(f"{where}: id_list feature {spec.name!r}: {error}"
-                             f"{_null_row(column, first_row)}") from None
+        bag = bag_from_arrow(column, spec.name, where=where, first_row=first_row)
     elif isinstance(column, Bag):
         bag = column
     else:

@@ -303,7 +303,7 @@ def _parse_id_token(token: str) -> int | str:
 def _list_column(column: pa.ChunkedArray, name: str, where: str, first_row: int) -> Bag:
     """An id_list column: Arrow lists as they are; text (CSV) as ``"1 2 3"`` or ``"[1, 2]"``."""
     if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-        return bag_from_arrow(column, name)
+        return bag_from_arrow(column, name, where=where, first_row=first_row)
     lists = []
     for row, text in enumerate(column.to_pylist()):
         tokens = (text or "").replace("[", " ").replace("]", " ").replace(",", " ").split()
