@@ -125,3 +125,18 @@ def test_bad_cut_off_or_resample_count_is_refused(setup, capsys, flags):
         main(["evaluate", str(model), "--events", str(events), "--items", str(items), *flags])
     assert exit_.value.code == 2
     assert "must be at least" in capsys.readouterr().err
+
+
+def test_a_split_flag_is_never_ignored(setup, tmp_path, capsys):
+    _, events, items = setup
+    data = ["--events", str(events), "--items", str(items)]
+    assert main(["train", *data, "--test-fraction", "0.5", "--out", str(tmp_path / "m"),
+                 "--batch-size", "128", "--quiet"]) == 0  # a time split, as with --cutoff
+    split = json.loads((tmp_path / "m" / "config.json").read_text())["split"]
+    assert split["kind"] == "time" and split["test_fraction"] == 0.5
+    capsys.readouterr()
+    for flags in (["--split", "leave-last-out", "--test-fraction", "0.5"],
+                  ["--split", "none", "--cutoff", CUTOFF]):
+        assert main(["train", *data, *flags, "--out", str(tmp_path / "n"), "--quiet"]) == 2
+        assert "are for a time split" in capsys.readouterr().err
+    assert not (tmp_path / "n").exists()

@@ -82,11 +82,16 @@ def _split_choice(args: argparse.Namespace, schema, stored: dict) -> tuple[str |
     schema's ``split``; ``None`` when nothing names one."""
     stored = stored if stored.get("kind") != "none" else {}
     kind = args.split or stored.get("kind") or (schema.split.kind if schema.split else None)
-    if kind is None and args.cutoff is not None:
+    explicit = args.cutoff is not None or args.test_fraction is not None
+    if kind is None and explicit:
         kind = "time"
+    if explicit and kind != "time":  # never ignore a flag the user gave
+        source = "--split" if args.split else "the model's split" \
+            if stored.get("kind") == kind else "the schema's split"
+        raise ValueError(f"--cutoff and --test-fraction are for a time split, but {source} is "
+                         f"{kind!r}; add --split time, or leave them out")
     same = stored if stored.get("kind") == kind else {}
     from_schema = schema.split.model_dump() if schema.split and schema.split.kind == kind else {}
-    explicit = args.cutoff is not None or args.test_fraction is not None
     cutoff = args.cutoff if explicit else same.get("cutoff", from_schema.get("cutoff"))
     fraction = args.test_fraction if explicit else \
         same.get("test_fraction", from_schema.get("test_fraction"))

@@ -172,6 +172,17 @@ def test_invalid_schema_names_field_and_problem(tmp_path, changes, message):
     assert str(path) in str(error.value)
 
 
+def test_a_nul_in_a_path_is_a_schema_error_naming_the_field(tmp_path, capsys):
+    path = write(tmp_path, with_changes(events={**SCHEMA["events"], "path": "ev\0.parquet"}))
+    assert main(["train", "--schema", str(path), "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "events.path: a path cannot contain a NUL character" in err
+    assert main(["train", "--events", "ev\0.parquet", "--items", "items.parquet",
+                 "--out", str(tmp_path / "m")]) == 2
+    assert "events.path: a path cannot contain a NUL character" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
 def test_several_problems_are_listed_together(tmp_path):
     path = write(tmp_path, with_changes(query_features=[{"name": "a", "kind": "nope"}],
                                         model={"dim": 0}))

@@ -34,9 +34,9 @@ the user's newest ``length`` items strictly before the event. Features naming th
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from twotower.data.cleaning import Cleaning
 from twotower.data.history import HistoryFeature
@@ -50,6 +50,16 @@ class SchemaError(ValueError):
     """A schema that does not validate; the message lists every problem."""
 
 
+def _no_nul(path: str) -> str:
+    """No file name holds a NUL; caught here, it would be a bare ``ValueError`` later."""
+    if "\0" in path:
+        raise ValueError("a path cannot contain a NUL character")
+    return path
+
+
+PathText = Annotated[str, AfterValidator(_no_nul)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -57,7 +67,7 @@ class _Strict(BaseModel):
 class EventsConfig(_Strict):
     """The events table and the roles of its columns."""
 
-    path: str | None = None
+    path: PathText | None = None
     user: str = "user_id"
     item: str = "item_id"
     time: str = "timestamp"
@@ -67,7 +77,7 @@ class EventsConfig(_Strict):
 class ItemsConfig(_Strict):
     """The items table and its key column."""
 
-    path: str | None = None
+    path: PathText | None = None
     key: str = "item_id"
 
 
@@ -166,7 +176,7 @@ class Schema(_Strict):
 
     events: EventsConfig = Field(default_factory=EventsConfig)
     items: ItemsConfig = Field(default_factory=ItemsConfig)
-    movielens: str | None = None
+    movielens: PathText | None = None
     missing_items: Literal["error", "drop"] = "drop"
     cleaning: CleaningConfig = Field(default_factory=CleaningConfig)
     query_features: list[FeatureConfig] = Field(min_length=1)
@@ -216,11 +226,11 @@ class Schema(_Strict):
         item = [{"name": columns.key, "kind": "id", "table": "item"}]
         item += [{"name": name, "kind": "id"} for name in columns.item_features]
         return parse_schema({
-            "events": {"path": str(Path(events).resolve()), "user": columns.user,
-                       "item": columns.item, "time": columns.timestamp,
-                       "reward": columns.reward},
-            "items": {"path": str(Path(items).resolve()), "key": columns.key},
-            "missing_items": missing_items, "query_features": query, "item_features": item})
+            "events": {"path": str(events), "user": columns.user, "item": columns.item,
+                       "time": columns.timestamp, "reward": columns.reward},
+            "items": {"path": str(items), "key": columns.key},
+            "missing_items": missing_items, "query_features": query, "item_features": item},
+            "--events/--items").with_base(Path())
 
     def columns(self) -> Columns:
         """The column roles, for :func:`~twotower.data.interactions.load_interactions`."""
