@@ -344,6 +344,29 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune(args: argparse.Namespace) -> int:
+    from twotower.train import TrainConfig
+    from twotower.tune import format_tuning, parse_grid, tune
+
+    grid = parse_grid(args.grid)
+    schema = _schema(args)
+    kind, params = _split_choice(args, schema, {})
+    if kind in (None, "none"):
+        raise ValueError("tune chooses on validation events: give the schema a split with "
+                         "them (leave-last-out, or a column split with `valid` rows)")
+    interactions = _load(schema)
+    split = _split(kind, params, interactions)
+    train = TrainConfig(batch_size=args.batch_size, epochs=args.epochs, learning_rate=args.lr,
+                        correction=args.correction, seed=args.seed, shuffle=True,
+                        patience=args.patience)
+    rows = tune(schema, interactions, split, grid, train, args.out, not args.quiet,
+                {"data": interactions.report})
+    print(format_tuning(rows))
+    print(f"best: {Path(args.out) / 'best'} ({rows[0]['run']}, validation recall@50 "
+          f"{rows[0]['recall@50']:.4f} at epoch {rows[0]['best_epoch']})")
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from twotower.report import report_model_dirs
 
@@ -490,6 +513,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=_train)
+
+    p = commands.add_parser("tune", help="a small grid of settings, each trained with early "
+                                         "stopping on the split's validation events")
+    _data_arguments(p)
+    _split_arguments(p, none=False)
+    p.add_argument("--out", default="twotower-tune", help="directory for the runs")
+    p.add_argument("--grid", nargs="+", required=True, metavar="NAME=V1,V2",
+                   help="settings to try, every combination: lr, batch_size, temperature, "
+                   "dropout, dim, output_dim, mixed_negatives, correction")
+    p.add_argument("--epochs", type=_at_least(1), default=30, help="the most epochs of a run")
+    p.add_argument("--patience", type=_at_least(1), default=3)
+    p.add_argument("--batch-size", type=_at_least(2), default=1024)
+    p.add_argument("--lr", type=float, default=0.005)
+    p.add_argument("--correction", choices=["none", "streaming", "oracle"],
+                   default="streaming")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(run=_tune)
 
     p = commands.add_parser("evaluate", help="full-corpus metrics on the test part of a split")
     p.add_argument("model", help="model directory")
