@@ -24,7 +24,7 @@ import torch
 from twotower.hashing import hash_buckets, seed_for, to_int64_ids
 
 __all__ = ["LIST_KINDS", "Bag", "EncodedFeatures", "FeatureSpec", "TableSpec", "bag_from_arrow",
-           "newest_first", "take_bag"]
+           "newest", "newest_first", "take_bag"]
 
 FeatureKind = Literal["id", "id_list", "sequence", "dense"]
 KINDS: tuple[str, ...] = ("id", "id_list", "sequence", "dense")
@@ -52,7 +52,9 @@ class FeatureSpec:
     names a list column of per-id weights for an ``id_list`` (a weighted mean instead
     of a plain one). ``width`` is the number of values of a ``dense`` feature. A
     ``sequence`` is a list of ids whose order matters (oldest first), read by a small
-    self-attention encoder over its newest ``length`` ids.
+    self-attention encoder over its newest ``length`` ids; an ``id_list`` with a
+    ``length`` (a history of item ids) is cut to its newest ``length`` ids too, so a query
+    may give a user's whole history and the model reads what training read.
     """
 
     name: str
@@ -151,6 +153,19 @@ def take_bag(bag: Bag, rows: np.ndarray) -> Bag:
     index = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
     weights = None if bag.weights is None else bag.weights[index]
     return Bag(bag.values[index], offsets, weights)
+
+
+def newest(bag: Bag, length: int) -> Bag:
+    """Each bag cut to its last (newest) ``length`` ids; shorter bags as they are."""
+    lengths = np.diff(bag.offsets)
+    if len(lengths) == 0 or lengths.max(initial=0) <= length:
+        return bag
+    kept = np.minimum(lengths, length)
+    starts = bag.offsets[1:] - kept
+    offsets = np.concatenate([[0], np.cumsum(kept)]).astype(np.int64)
+    index = np.repeat(starts - offsets[:-1], kept) + np.arange(offsets[-1])
+    return Bag(bag.values[index], offsets,
+               None if bag.weights is None else bag.weights[index])
 
 
 def newest_first(bag: Bag, length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -307,6 +322,8 @@ def _encode(spec: FeatureSpec, tables: Mapping[str, TableSpec], column: object,
         bag = Bag.from_lists(column)
     if weights is not None:
         bag = Bag(bag.values, bag.offsets, _bag_weights(bag, weights, spec, where, first_row))
+    if spec.kind == "id_list" and spec.length is not None:
+        bag = newest(bag, spec.length)
     buckets = hash_buckets(bag.values, table.num_buckets, seed)
     if spec.kind == "sequence":
         return Bag(buckets, bag.offsets)  # order kept; the encoder weighs the ids itself
