@@ -308,7 +308,10 @@ def _evaluate(args: argparse.Namespace) -> int:
                          "recall@100 at build": index.recall}
     print(json.dumps(metrics, indent=2))
     trained = config.get("split", {})
-    if trained and (trained.get("kind"), trained.get("cutoff")) != (kind, split.info.get("cutoff")):
+    trained_on = config.get("schema", {}).get("events", {}).get("path")
+    same_events = trained_on is None or trained_on == schema.events.path
+    if same_events and trained and \
+            (trained.get("kind"), trained.get("cutoff")) != (kind, split.info.get("cutoff")):
         note["warning"] = (f"the model was trained on the {trained.get('kind')} split "
                            f"({trained}); some {args.on} events may have been trained on")
     print(json.dumps(note), file=sys.stderr)
