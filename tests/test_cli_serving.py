@@ -165,3 +165,20 @@ def test_unsigned_item_keys_from_2_63_come_back_exactly(tmp_path, capsys):
     assert sorted(result.keys) == sorted(set(BIG) - {BIG[0], BIG[2]})
     assert recommender.parse({"user_id": 2 ** 64 - 1, "history": []}).features["user_id"] == -1
 
+
+
+def test_recommend_from_the_model_alone_equals_an_exact_index(artifacts, tmp_path):
+    """``--items`` searches an items table exactly without a built index: the same answers
+    as a saved exact index (the fixture's index is exact: 300 items)."""
+    model, items, index = artifacts
+    queries = _queries(tmp_path / "q.parquet", 50)
+    assert main(["recommend", str(model), "--index", str(index), "--queries", str(queries),
+                 "-k", "20", "--out", str(tmp_path / "indexed.jsonl")]) == 0
+    assert main(["recommend", str(model), "--items", str(items), "--queries", str(queries),
+                 "-k", "20", "--out", str(tmp_path / "exact.jsonl")]) == 0
+    indexed = [json.loads(line) for line in (tmp_path / "indexed.jsonl").read_text().splitlines()]
+    exact = [json.loads(line) for line in (tmp_path / "exact.jsonl").read_text().splitlines()]
+    assert [r["items"] for r in exact] == [r["items"] for r in indexed]
+    assert len(exact) == 50 and all(len(r["items"]) == 20 for r in exact)
+    assert main(["recommend", str(model), "--items", str(items), "--index", str(index),
+                 "--queries", str(queries)]) == 2

@@ -72,7 +72,13 @@ def _recommend(args: argparse.Namespace) -> int:
     from twotower.checkpoint import atomic_write
     from twotower.recommend import Recommender, recommend_file
 
-    recommender = Recommender.load(args.model, _index_dir(args))
+    if args.items:
+        if args.index:
+            raise ValueError("give --index (search a built index) or --items (exact search "
+                             "over an items table), not both")
+        recommender = Recommender.exact(args.model, args.items)
+    else:
+        recommender = Recommender.load(args.model, _index_dir(args))
 
     def answer(out: IO[str]) -> int:
         return recommend_file(recommender, args.queries, out, args.k, args.exclude_seen,
@@ -140,6 +146,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("recommend", help="top-K for a file of queries, as JSON lines")
     p.add_argument("model", help="model directory")
     p.add_argument("--index", help="index directory (default: MODEL/index)")
+    p.add_argument("--items", help="instead of an index: embed this items table and search "
+                   "it exactly (no `twotower index` needed)")
     p.add_argument("--queries", required=True,
                    help="queries (Parquet, CSV or JSON lines) with the model's query features")
     p.add_argument("--out", default="-",

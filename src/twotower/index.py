@@ -437,12 +437,13 @@ def index_items(model_dir: str | Path, items: str | Path, factory: str = "auto",
 
     from twotower.checkpoint import load_model
     from twotower.data.checks import ids
-    from twotower.data.interactions import read_table
+    from twotower.data.interactions import lists_from_text, read_table
     from twotower.evaluate import embed
     from twotower.features import EncodedFeatures
 
     model, estimator, config = load_model(model_dir)
-    table = read_table(items, "items")
+    lists = [f.name for f in model.config.item_features if f.kind == "id_list"]
+    table = lists_from_text(read_table(items, "items"), lists)
     where = f"items {items}"
     columns = config.get("columns") or {}
     key_column = columns.get("item_key") or columns.get("item", "item_id")

@@ -25,7 +25,7 @@ from twotower.checkpoint import METRICS, load_model
 from twotower.evaluate import embed
 from twotower.features import Bag, EncodedFeatures, FeatureSpec, bag_from_arrow
 from twotower.hashing import to_int64_ids
-from twotower.index import ItemIndex, check_built_from
+from twotower.index import ItemIndex, check_built_from, index_items
 from twotower.towers import TwoTowerModel
 
 __all__ = ["MAX_POPULARITY_PENALTY", "Query", "QueryError", "Recommendation", "Recommender",
@@ -176,6 +176,16 @@ class Recommender:
         index = ItemIndex.load(index_dir)
         check_built_from(index, model_dir, f"index {index_dir}")
         recommender = cls(model, index, config, model_dir, index_dir)
+        recommender.warm_up()
+        return recommender
+
+    @classmethod
+    def exact(cls, model_dir: str | Path, items: str | Path) -> Recommender:
+        """A model and an exact index of ``items`` built in memory now (for one-off
+        recommendations; a service should load a saved index)."""
+        model, _, config = load_model(model_dir)
+        index = index_items(model_dir, items, "Flat")
+        recommender = cls(model, index, config, model_dir)
         recommender.warm_up()
         return recommender
 

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from twotower.data import checks
-from twotower.data.interactions import Interactions, load_interactions
+from twotower.data.interactions import Interactions, lists_from_text, load_interactions
 from twotower.data.schema import FeatureConfig, Schema
 
 __all__ = ["check_features", "event_columns", "events_dataset", "load", "read_items",
@@ -101,34 +99,11 @@ def check_features(schema: Schema, events: pa.Schema, items: pa.Schema, where_ev
             _check_kind(events, feature.name, feature.kind, feature.name, where_events)
 
 
-LIST_SEPARATOR = "|"  # how a text (CSV) column spells a list of ids: "a|b|c"
-
-
-def _text_lists(items: pa.Table, schema: Schema) -> pa.Table:
-    """The items' text columns that an ``id_list`` item feature reads, as lists: CSV has no
-    list type, so ``"a|b|c"`` holds the ids ``a``, ``b``, ``c`` (an empty cell, none)."""
-    for feature in schema.item_features:
-        name = feature.name
-        if feature.kind != "id_list" or name not in items.column_names:
-            continue
-        column = items.column(name)
-        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-            continue
-        lists = pc.split_pattern(pc.fill_null(column, ""), LIST_SEPARATOR).combine_chunks()
-        ids = pc.utf8_trim_whitespace(lists.flatten())
-        keep = pc.not_equal(ids, "")
-        counts = np.bincount(pc.list_parent_indices(lists).filter(keep).to_numpy(),
-                             minlength=len(lists))
-        offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]), pa.int32())
-        items = items.set_column(items.column_names.index(name), name,
-                                 pa.ListArray.from_arrays(offsets, ids.filter(keep)))
-    return items
-
-
 def read_items(schema: Schema) -> tuple[pa.Table, str]:
     """The whole items table of a file-based schema and how messages name it."""
     items = _dataset(schema.items.path, "items").to_table()
-    return _text_lists(items, schema), f"items {schema.items.path}"
+    lists = [f.name for f in schema.item_features if f.kind == "id_list"]
+    return lists_from_text(items, lists), f"items {schema.items.path}"
 
 
 def read_tables(schema: Schema) -> tuple[pa.Table, pa.Table, str, str]:
