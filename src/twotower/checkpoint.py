@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -44,7 +45,7 @@ from twotower.towers import ModelConfig, TwoTowerModel
 
 __all__ = ["Checkpoint", "CheckpointError", "atomic_write", "checkpoint_dirs", "load_checkpoint",
            "load_model", "model_files", "published_metrics_bytes", "remove_leftovers",
-           "remove_run", "run_files", "save_checkpoint", "save_model", "versions"]
+           "remove_run", "run_files", "save_checkpoint", "save_model", "sha256_of", "versions"]
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -60,6 +61,7 @@ PUBLISHED = "published"  # generations of the published model, each with its man
 CURRENT = "current"  # symbolic link to the generation in use
 MODEL_FORMAT = "twotower-model"
 MODEL_FILES = (CONFIG, WEIGHTS, ESTIMATOR)
+_STEP_NAME = re.compile(r"step-\d{12,}(-\d+)?")
 
 
 def versions() -> dict[str, str]:
@@ -93,9 +95,11 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; artifacts get the usual mode
     try:
         write(Path(tmp))
+        # mkstemp makes 0600, and some writers (safetensors) make the file anew: artifacts
+        # get the usual mode once written.
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -124,7 +128,7 @@ def _symlink(path: Path, target: Path) -> None:
 def _write_manifest(where: Path, files: list[str], **fields: object) -> None:
     """``manifest.json``, written last: ``fields`` and each file's size and sha256."""
     manifest = {**fields, "files": {f: {"bytes": (where / f).stat().st_size,
-                                        "sha256": _sha256(where / f)} for f in files}}
+                                        "sha256": sha256_of(where / f)} for f in files}}
     atomic_write(where / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
 
 
@@ -197,7 +201,7 @@ def _files_problem(where: Path, files: dict) -> str | None:
         if size != expected["bytes"]:
             return (f"{file} has {size} bytes, its manifest says {expected['bytes']} "
                     "(truncated or overwritten)")
-        if _sha256(path) != expected["sha256"]:
+        if sha256_of(path) != expected["sha256"]:
             return f"{file} does not match its sha256 in {MANIFEST} (changed after it was written)"
     return None
 
@@ -315,7 +319,8 @@ class Checkpoint:
     state: dict
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in chunks (artifacts can be large)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
@@ -377,6 +382,24 @@ def save_checkpoint(directory: str | Path, model: TwoTowerModel,
         n += 1
         final = root / f"{name}-{n}"
     tmp = fresh_directory(root, f".{final.name}.")
+    try:
+        _write_checkpoint(tmp, final, model, estimator, optimizers, state)
+    except (OSError, safetensors.SafetensorError) as error:  # e.g. the disk is full
+        shutil.rmtree(tmp, ignore_errors=True)
+        complete = [p for p in checkpoint_dirs(directory) if p != final]
+        kept = f"the last complete checkpoint, {complete[-1]}, is intact (resume from it " \
+            "once there is room)" if complete else "no earlier checkpoint exists"
+        raise CheckpointError(f"could not write checkpoint {final}: {error}; {kept}") from None
+    for old in checkpoint_dirs(directory)[:-keep] + list(root.glob(".step-*")):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_checkpoint(tmp: Path, final: Path, model: TwoTowerModel,
+                      estimator: StreamingFrequencyEstimator,
+                      optimizers: list[torch.optim.Optimizer], state: dict) -> None:
+    """Fill ``tmp`` (files, then the manifest), rename it to ``final``, point LATEST at it."""
     tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
     structure = [_encode(o.state_dict(), f"optimizer.{i}", tensors)
                  for i, o in enumerate(optimizers)]
@@ -392,12 +415,8 @@ def save_checkpoint(directory: str | Path, model: TwoTowerModel,
         atomic_write(tmp / file, write)
     _write_manifest(tmp, list(writers), format=FORMAT, step=state["step"])
     os.rename(tmp, final)
-    _fsync_dir(root)
-    atomic_write(root / LATEST, lambda p: p.write_text(final.name + "\n"))
-    for old in checkpoint_dirs(directory)[:-keep] + list(root.glob(".step-*")):
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
+    _fsync_dir(final.parent)
+    atomic_write(final.parent / LATEST, lambda p: p.write_text(final.name + "\n"))
 
 
 def _resolve(path: Path) -> Path:
@@ -405,16 +424,22 @@ def _resolve(path: Path) -> Path:
     if (path / MANIFEST).exists() or path.name.startswith("step-"):
         return path
     latest = path / CHECKPOINTS / LATEST
-    if not latest.exists() and checkpoint_dirs(path):
-        names = ", ".join(str(p) for p in checkpoint_dirs(path))
-        raise CheckpointError(f"{path / CHECKPOINTS / LATEST} is missing, but complete "
-                              f"checkpoints remain: {names}; resume from one by naming it "
-                              "(the last is the latest)")
+    complete = checkpoint_dirs(path)
+    remaining = f"; complete checkpoints: {', '.join(str(p) for p in complete)} (resume " \
+        "from one by naming it, the newest last)" if complete else ""
     if not latest.exists():
+        advice = remaining or ": resume from a model directory written by `twotower train`, " \
+            "or train a new model"
         raise CheckpointError(f"{path} holds no training checkpoint ({CHECKPOINTS}/{LATEST} is "
-                              "missing): resume from a model directory written by `twotower "
-                              "train`, or train a new model")
-    return path / CHECKPOINTS / latest.read_text().strip()
+                              f"missing){advice}")
+    try:
+        name = latest.read_bytes().decode().strip()
+    except UnicodeDecodeError:
+        name = None
+    if name is None or not _STEP_NAME.fullmatch(name):
+        raise CheckpointError(f"{latest} is damaged (it does not name a checkpoint)"
+                              f"{remaining or '; no complete checkpoint is left, so retrain'}")
+    return path / CHECKPOINTS / name
 
 
 def _damaged(where: Path, what: str) -> CheckpointError:
