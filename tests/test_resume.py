@@ -243,6 +243,8 @@ def test_sigkill_mid_streamed_run_then_resume_streams_to_the_same_model(tmp_path
     assert wrong.returncode == 2, err
     assert "stopped partway through input stream:" in err and "given input events:" in err
     assert latest_step(tmp_path / "killed") == at_kill
+    logged = (tmp_path / "killed" / "metrics.jsonl").read_text()
+    assert '"event": "eval"' not in logged  # refused before testing on the wrong events
 
     finish(child(tmp_path, "0", *resume, "--streaming", script=CLI_CHILD))
     finish(reference)

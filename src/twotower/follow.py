@@ -100,6 +100,7 @@ def train_day(trainer: Trainer, prepared: Prepared, earlier: np.ndarray, rows: n
 
     ``earlier`` (rows already trained on) sets the head / torso / tail groups.
     """
+    trainer.check_input(name)  # before a test that would go into the metrics log
     if trainer.world.main and trainer.position.input != name and name not in trainer.inputs_done:
         metrics = score(trainer.model, prepared, earlier, rows)
         trainer.log({"event": "eval", "input": name, "step": trainer.step,

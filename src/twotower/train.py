@@ -315,13 +315,7 @@ class Trainer:
         :class:`TrainingDiverged` before the step is saved.
         """
         name = name or input_name(data)
-        stopped_in = self.position.input
-        if stopped_in and stopped_in not in self.inputs_done and name != stopped_in:
-            raise ValueError(
-                f"this run stopped partway through input {stopped_in} (epoch "
-                f"{self.position.epoch + 1}, batch {self.position.batch}), but was given input "
-                f"{name}: resume it with the same events and options (and --streaming if it "
-                "streamed them) to finish it; it never starts over silently")
+        self.check_input(name)
         if name in self.inputs_done:
             done = self._done_with(name)
             if done:
@@ -375,6 +369,17 @@ class Trainer:
             summary.update(self._keep_best())
         self.log(summary)
         return summary
+
+    def check_input(self, name: str) -> None:
+        """Raise ``ValueError`` naming both inputs if this run stopped partway through another
+        input than ``name``: it finishes that one first, it never starts over silently."""
+        stopped_in = self.position.input
+        if stopped_in and stopped_in not in self.inputs_done and name != stopped_in:
+            raise ValueError(
+                f"this run stopped partway through input {stopped_in} (epoch "
+                f"{self.position.epoch + 1}, batch {self.position.batch}), but was given input "
+                f"{name}: resume it with the same events and options (and --streaming if it "
+                "streamed them) to finish it")
 
     def _done_with(self, name: str) -> str:
         """Why a finished input gets no more training ('' if it gets more epochs): only the
