@@ -145,3 +145,14 @@ def test_threads_are_one_by_default_and_the_user_sets_them(schema, tmp_path):
     assert torch.get_num_threads() == 2
     with pytest.raises(SystemExit):
         train(schema, tmp_path / "c", "--threads", "0")
+
+
+def test_more_epochs_on_a_validated_run_go_on_validating_as_a_longer_run(schema, tmp_path):
+    split = ["--split", "leave-last-out"]
+    assert train(schema, tmp_path / "four", *split, "--patience", "5", "--epochs", "4") == 0
+    assert train(schema, tmp_path / "two", *split, "--patience", "5", "--epochs", "2") == 0
+    assert main(["train", "--resume", str(tmp_path / "two"), "--schema", str(schema),
+                 "--quiet", *split, "--epochs", "4"]) == 0
+    assert_same_model(tmp_path / "four", tmp_path / "two")  # the best epoch of four, kept
+    logged = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in logged if r.get("event") == "validation"] == [1, 2, 3, 4]

@@ -239,15 +239,15 @@ def _epochs(args: argparse.Namespace) -> dict:
 
 
 def _train_rows(args: argparse.Namespace, schema, interactions):
-    """The rows of a log in memory to train on: all, or the train part of the split."""
+    """The rows of a log in memory to train on (all, or the train part of the split), the
+    validation rows of the split (maybe none) and the split's summary."""
     import numpy as np
-
 
     kind, params = _split_choice(args, schema, {})
     if kind in (None, "none"):
-        return np.arange(len(interactions)), {"kind": "none"}
+        return np.arange(len(interactions)), np.zeros(0, np.int64), {"kind": "none"}
     parts = _split(kind, params, interactions)
-    return parts.train, {**params, **parts.summary()}
+    return parts.train, parts.valid, {**params, **parts.summary()}
 
 
 def _resume(args: argparse.Namespace) -> int:
@@ -288,12 +288,14 @@ def _resume_memory(args: argparse.Namespace, trainer, schema) -> tuple[dict, int
     from twotower.experiment import prepare
     from twotower.follow import train_day
     from twotower.train import input_name
+    from twotower.validation import Validation
 
     interactions = _load(schema)
-    rows, split = _train_rows(args, schema, interactions)
+    rows, valid, split = _train_rows(args, schema, interactions)
     prepared = prepare(interactions, trainer.model.config)
+    validation = Validation(prepared, rows, valid) if len(valid) else None
     summary = train_day(trainer, prepared, np.zeros(0, dtype=np.int64), rows,
-                        input_name(prepared.training_data(rows)))
+                        input_name(prepared.training_data(rows)), validation)
     return summary, len(rows), interactions.report, split
 
 

@@ -28,6 +28,7 @@ from twotower.experiment import Prepared, prepare, score
 from twotower.hashing import to_int64_ids
 from twotower.towers import ModelConfig
 from twotower.train import Trainer
+from twotower.validation import Validation
 
 __all__ = ["GrowingLog", "follow", "partitions", "train_day"]
 
@@ -94,18 +95,19 @@ class GrowingLog:
 
 
 def train_day(trainer: Trainer, prepared: Prepared, earlier: np.ndarray, rows: np.ndarray,
-              name: str) -> dict:
+              name: str, validation: Validation | None = None) -> dict:
     """Test, then train: the model's metrics on ``rows`` before training on them (unless a
     stopped run already tested them), then a fit; both go into the metrics log.
 
-    ``earlier`` (rows already trained on) sets the head / torso / tail groups.
+    ``earlier`` (rows already trained on) sets the head / torso / tail groups; with
+    ``validation`` the fit keeps its best epoch (see :meth:`Trainer.fit`).
     """
     trainer.check_input(name)  # before a test that would go into the metrics log
     if trainer.world.main and trainer.position.input != name and name not in trainer.inputs_done:
         metrics = score(trainer.model, prepared, earlier, rows)
         trainer.log({"event": "eval", "input": name, "step": trainer.step,
                      "held_out": "before training on it", **metrics})
-    return trainer.fit(prepared.training_data(rows), name)
+    return trainer.fit(prepared.training_data(rows), name, validation)
 
 
 def _agree(trainer: Trainer, names: list[str]) -> tuple[list[str], bool]:

@@ -325,6 +325,8 @@ class Trainer:
             self.position = Position(name, self.position.epoch + 1, 0)
         start = self.position if self.position.input == name else Position(name)
         config = self.config
+        if start == Position(name):  # early stopping is per input: a new one starts afresh
+            self.early_stopping, self._best = EarlyStopping(patience=config.patience), None
         oracle = oracle_log_q(data, config.batch_size) if config.correction == "oracle" else None
         per_epoch = -(-len(data.rows) // config.batch_size)
         bar = tqdm(total=per_epoch * config.epochs, initial=start.epoch * per_epoch + start.batch,
@@ -417,13 +419,14 @@ class Trainer:
         """Score the epoch, remember the weights if it is the best; True to stop."""
         metrics = validation.score(self.model)
         stopping = self.early_stopping
-        if stopping.update(epoch, self.step, metrics[stopping.metric]):
-            self._best = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-            if self.out_dir is not None and self.world.main:  # survives a kill: resume reads it
-                save_model(self.out_dir, self.model, self.estimator,
-                           {"train": asdict(self.config), **self.extra})
+        best = stopping.update(epoch, self.step, metrics[stopping.metric])
         self.log({"event": "validation", "epoch": epoch + 1, "step": self.step, **metrics,
                   "best_epoch": stopping.best_epoch + 1})
+        if best:
+            self._best = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            if self.out_dir is not None and self.world.main:  # survives a kill: resume reads it
+                save_model(self.out_dir, self.model, self.estimator,  # with its record logged
+                           {"train": asdict(self.config), **self.extra})
         if self.progress and self.world.main:
             tqdm.write(f"epoch {epoch + 1}: validation {stopping.metric} "
                        f"{metrics[stopping.metric]:.4f} (best {stopping.best_value:.4f}, "
