@@ -138,8 +138,8 @@ def test_round_trips_through_json(tmp_path):
 
 @pytest.mark.parametrize("changes, message", [
     ({"query_features": [{"name": "user_id", "kind": "ids"}]},
-     r"query_features\[0\] \('user_id'\)\.kind: Input should be 'id', 'id_list', 'sequence' or 'dense' "
-     r"\(got 'ids'\)"),
+     r"query_features\[0\] \('user_id'\)\.kind: Input should be 'id', 'id_list', "
+     r"'sequence' or 'dense' \(got 'ids'\)"),
     ({"items": {"path": "items.parquet", "kye": "item_id"}},
      r"items\.kye: Extra inputs are not permitted"),
     ({"query_features": [{"name": "h", "kind": "id_list", "history": "item_id"}]},
@@ -289,7 +289,8 @@ def test_unknown_feature_kind_in_cli(tmp_path, capsys):
     path = write(tmp_path, changes)
     assert main(["train", "--schema", str(path), "--out", str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err
-    assert "item_features[1] ('category').kind: Input should be 'id', 'id_list', 'sequence' or 'dense'" in err
+    assert ("item_features[1] ('category').kind: Input should be 'id', 'id_list', 'sequence' "
+            "or 'dense'") in err
     assert "(got 'categorical')" in err and not (tmp_path / "m").exists()
 
 
