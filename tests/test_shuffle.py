@@ -1,0 +1,170 @@
+"""Shuffled epochs: every row once per epoch, a fresh order per epoch, resumable exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from twotower.data.interactions import load_interactions
+from twotower.data.synthetic import SyntheticConfig, generate
+from twotower.experiment import default_model_config, prepare
+from twotower.towers import TwoTowerModel
+from twotower.train import TrainConfig, Trainer, TrainingData
+
+TINY = SyntheticConfig(num_users=100, num_items=200, num_days=2, events_per_day=500,
+                       num_channels=10, num_categories=4)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def prepared():
+    synthetic = generate(TINY)
+    interactions = load_interactions(synthetic.events, synthetic.items)
+    return prepare(interactions, default_model_config(
+        interactions.columns, item_buckets=256, user_buckets=64, feature_buckets=32, dim=4,
+        hidden=(8,), output_dim=4))
+
+
+def tiny_data(rows: np.ndarray) -> TrainingData:
+    """A TrainingData holding only row indices: ``batches`` reads nothing else."""
+    return TrainingData(None, None, None, None, None, rows)
+
+
+class Recorded(TrainingData):
+    """Training data that remembers the batches the trainer stepped on, per epoch seed, and
+    asks its trainer to stop after batch ``stop_at`` of epoch ``stop_epoch``."""
+
+    trainer: Trainer | None = None
+    stop_at: tuple[int, int] | None = None
+
+    def batches(self, batch_size, shuffle_seed=None):
+        self.seen = getattr(self, "seen", [])
+        epoch = len(self.seen)
+        self.seen.append([])
+        for index, rows in enumerate(super().batches(batch_size, shuffle_seed)):
+            self.seen[-1].append(rows)
+            if self.stop_at == (epoch, index):
+                self.trainer.stop_requested = True
+            yield rows
+
+
+def recorded(data: TrainingData) -> Recorded:
+    return Recorded(data.queries, data.items, data.item_row, data.item_key, data.reward,
+                    data.rows)
+
+
+def new_trainer(prepared, out_dir=None, **config) -> Trainer:
+    torch.manual_seed(0)
+    return Trainer(TwoTowerModel(prepared.model_config),
+                   TrainConfig(batch_size=64, estimator_buckets=1024, **config),
+                   out_dir=out_dir, device="cpu", progress=False)
+
+
+@pytest.mark.parametrize("n, batch_size", [(11, 3), (12, 4), (100, 7), (5, 5)])
+def test_a_shuffled_epoch_holds_every_row_once(n, batch_size):
+    rows = np.arange(100, 100 + n)
+    batches = list(tiny_data(rows).batches(batch_size, (0, 0)))
+    assert all(2 <= len(b) <= batch_size for b in batches)
+    assert sorted(np.concatenate(batches).tolist()) == rows.tolist()
+
+
+def test_a_last_batch_of_one_row_is_dropped_shuffled_or_not():
+    rows = np.arange(7)
+    for seed in (None, (0, 0), (0, 1)):
+        batches = list(tiny_data(rows).batches(3, seed))
+        assert [len(b) for b in batches] == [3, 3]
+        assert len(set(np.concatenate(batches).tolist())) == 6
+
+
+def test_time_order_without_a_seed():
+    rows = np.array([5, 3, 9, 1, 7, 2, 8])
+    batches = list(tiny_data(rows).batches(3))
+    assert [b.tolist() for b in batches] == [[5, 3, 9], [1, 7, 2]]  # the lone 8 is dropped
+
+
+def test_orders_differ_between_epochs_and_repeat_for_the_same_seed():
+    data = tiny_data(np.arange(50))
+
+    def order(seed):
+        return np.concatenate(list(data.batches(8, seed))).tolist()
+
+    assert order((0, 0)) == order((0, 0))
+    assert order((3, 1)) == order((3, 1))
+    orders = {tuple(order((seed, epoch))) for seed in range(3) for epoch in range(3)}
+    assert len(orders) == 9
+    assert tuple(range(50)) not in orders
+
+
+def test_trainer_batches_are_shuffled_per_epoch_or_in_time_order(prepared):
+    data = prepared.training_data(np.arange(len(prepared.interactions)))
+    shuffled = new_trainer(prepared, shuffle=True, seed=4)
+    in_time = new_trainer(prepared)
+    for epoch in range(2):
+        batches = [rows for _, rows in shuffled._batches(data, epoch)]
+        assert [b.tolist() for b in batches] == \
+            [b.tolist() for b in data.batches(64, (4, epoch))]
+        assert [i for i, _ in in_time._batches(data, epoch)] == list(range(len(batches)))
+        time_order = np.concatenate([rows for _, rows in in_time._batches(data, epoch)])
+        assert time_order.tolist() == data.rows[:len(time_order)].tolist()
+
+
+def test_fit_steps_on_every_row_once_per_epoch_in_a_new_order(prepared):
+    rows = np.arange(len(prepared.interactions))
+    assert len(rows) % 64 not in (1,)  # no row is dropped
+    data = recorded(prepared.training_data(rows))
+    trainer = new_trainer(prepared, shuffle=True, epochs=3)
+    summary = trainer.fit(data, "log")
+    assert summary["steps"] == 3 * -(-len(rows) // 64) == trainer.step
+    orders = [np.concatenate(epoch) for epoch in data.seen]
+    assert len(orders) == 3
+    for order in orders:
+        assert sorted(order.tolist()) == rows.tolist()
+    assert len({tuple(o.tolist()) for o in orders}) == 3
+    assert all(not np.array_equal(o, rows) for o in orders)
+
+
+def test_fit_in_time_order_without_shuffle(prepared):
+    rows = np.arange(len(prepared.interactions))
+    data = recorded(prepared.training_data(rows))
+    new_trainer(prepared, epochs=2).fit(data, "log")
+    for epoch in data.seen:
+        assert np.concatenate(epoch).tolist() == rows.tolist()
+
+
+@pytest.mark.parametrize("stop_at", [(0, 4), (1, 0), (1, 9)])
+def test_stopped_mid_epoch_and_resumed_equals_an_uninterrupted_run(prepared, tmp_path,
+                                                                   stop_at):
+    rows = np.arange(len(prepared.interactions))
+    reference = new_trainer(prepared, tmp_path / "reference", shuffle=True, epochs=2)
+    reference.fit(prepared.training_data(rows), "log")
+
+    stopped = new_trainer(prepared, tmp_path / "stopped", shuffle=True, epochs=2)
+    data = recorded(prepared.training_data(rows))
+    data.trainer, data.stop_at = stopped, stop_at
+    summary = stopped.fit(data, "log")
+    assert summary["stopped"]
+    assert (stopped.position.epoch, stopped.position.batch) == (stop_at[0], stop_at[1] + 1)
+    stopped.save()
+
+    resumed = Trainer.resume(tmp_path / "stopped", device="cpu", progress=False)
+    assert resumed.config.shuffle
+    rest = recorded(prepared.training_data(rows))
+    assert not resumed.fit(rest, "log")["stopped"]
+    # The batches of the stopped epoch are the uninterrupted epoch's: first part, then rest.
+    first = data.seen[stop_at[0]]
+    resumed_epoch = rest.seen[0][stop_at[1] + 1:]
+    epoch_rows = np.concatenate(first + resumed_epoch)
+    assert sorted(epoch_rows.tolist()) == rows.tolist()
+    assert resumed.step == reference.step
+    for (name, a), (_, b) in zip(reference.model.state_dict().items(),
+                                 resumed.model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    for opt_a, opt_b in zip(reference.optimizers, resumed.optimizers, strict=True):
+        for index, values in opt_a.state_dict()["state"].items():
+            for key, value in values.items():
+                other = opt_b.state_dict()["state"][index][key]
+                assert torch.equal(value, other) if torch.is_tensor(value) else value == other
+    for key, value in reference.estimator.state_dict().items():
+        assert np.array_equal(value, resumed.estimator.state_dict()[key]), key
