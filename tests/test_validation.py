@@ -166,7 +166,7 @@ def new_trainer(prepared, out_dir) -> Trainer:
                    device="cpu", progress=False)
 
 
-@pytest.mark.parametrize("at", [(1, 3)])  # before the best epoch
+@pytest.mark.parametrize("at", [(1, 3), (3, 5)])  # before the best epoch, and after it
 def test_stopped_and_resumed_keeps_the_early_stopping_state_and_the_best_epoch(log, tmp_path,
                                                                                at):
     prepared, split = log

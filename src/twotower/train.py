@@ -228,6 +228,9 @@ class Trainer:
         self.inputs_done: list[str] = []
         self.early_stopping = EarlyStopping(patience=config.patience)
         self._best: dict[str, torch.Tensor] | None = None
+        # Stopped mid-input with a best epoch published: save() keeps that model published
+        # (the resumed run puts its weights back at the end) and only checkpoints.
+        self._best_published = False
         self.stop_requested = False
         broadcast_tables(list(model.tables.values()), self.world)
         self.towers: nn.Module = _Towers(model)
@@ -324,6 +327,8 @@ class Trainer:
             self.stop_requested = True  # a worker that got no signal stops with the others
         else:
             self.inputs_done.append(name)
+        self._best_published = stopped and validation is not None \
+            and self.early_stopping.best_epoch >= 0
         summary = {"event": "input", "input": name, "step": self.step, "steps": len(losses),
                    "examples": examples,
                    "loss": float(np.mean(losses)) if losses else float("nan"),
@@ -448,13 +453,18 @@ class Trainer:
                                self.state())
 
     def save(self) -> Path | None:
-        """Publish the model into ``out_dir`` (what index and serve read) and checkpoint."""
+        """Publish the model into ``out_dir`` (what index and serve read) and checkpoint.
+
+        A run with validation stopped mid-input leaves its best epoch's model published
+        (:meth:`fit` wrote it there) and only checkpoints: the resumed run puts those
+        weights back when it ends, and a model to use meanwhile is the best one."""
         if self.out_dir is None:
             raise ValueError("this trainer has no out_dir to save into")
         if not self.world.main:
             return None
-        save_model(self.out_dir, self.model, self.estimator,
-                   {"train": asdict(self.config), **self.extra})
+        if not self._best_published:
+            save_model(self.out_dir, self.model, self.estimator,
+                       {"train": asdict(self.config), **self.extra})
         return self.checkpoint()
 
     def log(self, record: dict) -> None:
