@@ -4,7 +4,7 @@ schemas."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import pyarrow as pa
@@ -14,6 +14,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tiny_serving import make_items
 from twotower.checkpoint import load_model, save_model
 from twotower.data.interactions import Columns
 from twotower.data.schema import parse_schema
@@ -21,6 +22,8 @@ from twotower.data.sources import check_features
 from twotower.experiment import default_model_config
 from twotower.features import Bag, EncodedFeatures, FeatureSpec, TableSpec, newest_first
 from twotower.frequency import StreamingFrequencyEstimator
+from twotower.index import index_items
+from twotower.recommend import QueryError, Recommender
 from twotower.sequence import SequenceEncoder
 from twotower.towers import ModelConfig, TwoTowerModel
 
@@ -230,3 +233,37 @@ def test_default_config_with_a_sequence_history_round_trips():
                                                length=5)
         for f in config.query_features])
     assert ModelConfig.from_dict(json.loads(json.dumps(changed.to_dict()))) == changed
+
+
+def test_a_model_with_a_sequence_serves_recommendations(tmp_path):
+    """The recommender reads a sequence feature as a list of ids, like an id_list."""
+    columns = Columns()
+    config = default_model_config(columns, item_buckets=512, user_buckets=64,
+                                  feature_buckets=32, dim=8, hidden=(16,), output_dim=8)
+    config = replace(config, query_features=[
+        f if f.name != "history" else FeatureSpec("history", "sequence", table=f.table,
+                                                  length=LENGTH)
+        for f in config.query_features])
+    torch.manual_seed(0)
+    model = TwoTowerModel(config).eval()
+    save_model(tmp_path / "model", model, StreamingFrequencyEstimator(64),
+               {"columns": asdict(columns)})
+    index = index_items(tmp_path / "model", make_items(tmp_path / "items.parquet"))
+    index.save(tmp_path / "index")
+    recommender = Recommender.load(tmp_path / "model", tmp_path / "index")
+    query = recommender.parse({"user_id": 3, "history": [1, 2, 3]}, k=5, exclude_history=True)
+    assert query.features["history"].tolist() == [1, 2, 3]
+    assert sorted(query.exclude.tolist()) == [1, 2, 3]
+    [result] = recommender.recommend_queries([query])
+    # The same ranking by brute force: the query tower on the encoded history.
+    features = EncodedFeatures(config.query_features, config.tables,
+                               {"user_id": np.array([3]), "history": [[1, 2, 3]]})
+    with torch.no_grad():
+        scores = (model.query(features.take(np.arange(1)))
+                  @ model.item(EncodedFeatures(config.item_features, config.tables, {
+                      "item_id": index.keys, "channel": index.keys % 7,
+                      "category": index.keys % 3}).take(np.arange(len(index.keys)))).T)[0]
+    order = [int(index.keys[r]) for r in torch.argsort(-scores, stable=True)]
+    assert result.keys == [key for key in order if key not in (1, 2, 3)][:5]
+    with pytest.raises(QueryError, match="expected a list"):
+        recommender.parse({"user_id": 3, "history": 4})
