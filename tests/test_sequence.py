@@ -22,10 +22,12 @@ from twotower.data.sources import check_features
 from twotower.experiment import default_model_config
 from twotower.features import Bag, EncodedFeatures, FeatureSpec, TableSpec, newest_first
 from twotower.frequency import StreamingFrequencyEstimator
+from twotower.hashing import hash_buckets, seed_for
 from twotower.index import index_items
 from twotower.recommend import QueryError, Recommender
 from twotower.sequence import SequenceEncoder
 from twotower.towers import ModelConfig, TwoTowerModel
+from twotower.train import TrainConfig, make_optimizers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -267,3 +269,39 @@ def test_a_model_with_a_sequence_serves_recommendations(tmp_path):
     assert result.keys == [key for key in order if key not in (1, 2, 3)][:5]
     with pytest.raises(QueryError, match="expected a list"):
         recommender.parse({"user_id": 3, "history": 4})
+
+
+def test_padding_touches_no_table_row():
+    """A sparse optimizer moves every row a gradient names, even by a zero gradient (its
+    momentum): a padded slot must not name row 0 of the table."""
+    torch.manual_seed(0)
+    config = ModelConfig(
+        tables={"item": TableSpec(64, DIM)},
+        query_features=[FeatureSpec("history", "sequence", table="item", length=4)],
+        item_features=[FeatureSpec("item_id", "id", table="item")],
+        query_hidden=[8], item_hidden=[8], output_dim=4)
+    model = TwoTowerModel(config)
+    optimizers = make_optimizers(model, TrainConfig(sparse=True))
+    ids = np.arange(1000)
+    buckets = hash_buckets(ids, 64, seed_for("table/item"))
+    [in_zero, *others] = [int(ids[buckets == 0][0]), *ids[buckets > 2][:5].tolist()]
+
+    def step(histories: list[list[int]], items: list[int]) -> set[int]:
+        """One step; the table rows it changed."""
+        queries = EncodedFeatures(config.query_features, config.tables, {"history": histories})
+        candidates = EncodedFeatures(config.item_features, config.tables,
+                                     {"item_id": np.asarray(items)})
+        before = model.tables["item"].weight.detach().clone()
+        loss = (model.query(queries.take(np.arange(len(histories))))
+                * model.item(candidates.take(np.arange(len(items))))).sum()
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for optimizer in optimizers:
+            optimizer.step()
+        changed = (model.tables["item"].weight.detach() != before).any(dim=1)
+        return set(torch.nonzero(changed).flatten().tolist())
+
+    assert 0 in step([[in_zero, others[0]]], [others[1], others[2]])  # row 0 has momentum
+    used = set(hash_buckets(np.asarray(others[3:5]), 64, seed_for("table/item")).tolist())
+    assert step([[others[3]]], [others[4]]) == used  # a padded history: row 0 stays
