@@ -168,3 +168,43 @@ def test_stopped_mid_epoch_and_resumed_equals_an_uninterrupted_run(prepared, tmp
                 assert torch.equal(value, other) if torch.is_tensor(value) else value == other
     for key, value in reference.estimator.state_dict().items():
         assert np.array_equal(value, resumed.estimator.state_dict()[key]), key
+
+
+def test_an_epoch_stopped_midway_goes_on_only_in_its_own_order(prepared, tmp_path):
+    rows = np.arange(len(prepared.interactions))
+    stopped = new_trainer(prepared, tmp_path, shuffle=True, epochs=2)
+    data = recorded(prepared.training_data(rows))
+    data.trainer, data.stop_at = stopped, (0, 3)
+    assert stopped.fit(data, "log")["stopped"]
+    stopped.save()
+    assert stopped.position.shuffled
+    in_time = Trainer.resume(tmp_path, device="cpu", progress=False, shuffle=False)
+    with pytest.raises(ValueError, match=r"stopped 4 batches into epoch 1 in shuffled order; "
+                                         r"go on in shuffled order"):
+        in_time.fit(prepared.training_data(rows), "log")
+    assert in_time.step == stopped.step  # refused before any step
+    # Another input starts at its beginning, so any order will do.
+    other = recorded(prepared.training_data(rows[:300]))
+    assert not in_time.fit(other, "other")["stopped"]
+    assert [np.concatenate(e).tolist() for e in other.seen] == [rows[:300].tolist()] * 2
+
+
+def test_cli_resume_trains_new_events_in_time_order_unless_told(tmp_path, capsys):
+    from twotower.checkpoint import load_checkpoint, load_model
+    from twotower.cli import main
+    from twotower.data.synthetic import EPOCH, SECONDS_PER_DAY, write
+
+    paths = write(generate(TINY), tmp_path / "data")
+    common = ["--events", str(paths["events"]), "--items", str(paths["items"]), "--quiet",
+              "--batch-size", "64"]
+    model = tmp_path / "model"
+    assert main(["train", *common, "--out", str(model), "--until",
+                 str(EPOCH + SECONDS_PER_DAY)]) == 0
+    assert load_model(model)[2]["train"]["shuffle"]  # a new model: shuffled epochs
+    assert main(["train", "--resume", str(model), *common]) == 0
+    assert not load_model(model)[2]["train"]["shuffle"]  # new events: time order
+    assert not load_checkpoint(model).state["position"]["shuffled"]
+    assert main(["train", "--resume", str(model), *common, "--order", "shuffled",
+                 "--epochs", "2"]) == 0
+    assert load_model(model)[2]["train"]["shuffle"]
+    capsys.readouterr()

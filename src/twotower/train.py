@@ -160,11 +160,13 @@ def make_optimizers(model: TwoTowerModel, config: TrainConfig) -> list[torch.opt
 
 @dataclass
 class Position:
-    """Where a run stands in an input: ``batch`` batches of epoch ``epoch`` are done."""
+    """Where a run stands in an input: ``batch`` batches of epoch ``epoch`` are done, drawn
+    in shuffled or time order (a stopped epoch goes on in the order it began in)."""
 
     input: str = ""
     epoch: int = 0
     batch: int = 0
+    shuffled: bool = False
 
 
 def input_name(data: TrainingData) -> str:
@@ -252,8 +254,9 @@ class Trainer:
         """Continue from a checkpoint: a model directory's latest, or a step directory.
 
         Weights, optimizer states, estimator, step, position and RNG carry on; ``changes``
-        may set ``epochs`` and ``log_every``. Writes go to ``out_dir`` (default: the model
-        directory the checkpoint belongs to).
+        may set ``epochs``, ``log_every`` and ``shuffle`` (an epoch stopped midway goes on
+        only in its own order). Writes go to ``out_dir`` (default: the model directory the
+        checkpoint belongs to).
         """
         unknown = sorted(set(changes) - set(RESUMABLE))
         if unknown:
@@ -293,6 +296,12 @@ class Trainer:
                     "stopped": False}
         start = self.position if self.position.input == name else Position(name)
         config = self.config
+        if start.batch and start.shuffled != config.shuffle:
+            order = "shuffled" if start.shuffled else "time"
+            raise ValueError(f"input {name!r} stopped {start.batch} batches into epoch "
+                             f"{start.epoch + 1} in {order} order; go on in {order} order "
+                             f"(shuffle={start.shuffled}, --order {order}), or the epoch "
+                             "would repeat some events and skip others")
         oracle = oracle_log_q(data, config.batch_size) if config.correction == "oracle" else None
         per_epoch = -(-len(data.rows) // config.batch_size)
         bar = tqdm(total=per_epoch * config.epochs, initial=start.epoch * per_epoch + start.batch,
@@ -305,7 +314,7 @@ class Trainer:
                 skip = start.batch if epoch == start.epoch else 0
                 for index, rows in itertools.islice(self._batches(data, epoch), skip, None):
                     loss, stopped = self._reduce(self._step(data, rows, oracle))
-                    self.position = Position(name, epoch, index + 1)
+                    self.position = Position(name, epoch, index + 1, config.shuffle)
                     losses.append(loss)
                     running.append(loss)
                     examples += len(rows)
