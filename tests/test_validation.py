@@ -211,3 +211,30 @@ def test_cli_train_with_leave_last_out_validates_and_stops(tmp_path, capsys):
     assert summary["best_epoch"] == int(np.argmax(values)) + 1
     _, _, config = load_model(out)
     assert config["train"]["patience"] == 1 and config["train"]["shuffle"]
+
+
+def test_each_input_validates_from_a_fresh_start(log, tmp_path):
+    """A trainer that goes on to a second input with validation judges that input's epochs
+    alone: the first input's best score and wait neither stop it nor bring back the first
+    input's weights."""
+    prepared, split = log
+    trainer = new_trainer(prepared, tmp_path)
+    first = trainer.fit(prepared.training_data(split.train), "first",
+                        Validation(prepared, split.train, split.valid))
+    assert first["early_stopped"]
+    # The next log has a corpus ten times larger: its recall@50 is far below the first's.
+    synthetic = generate(SyntheticConfig(num_users=100, num_items=2000, num_days=1,
+                                         events_per_day=800, new_item_fraction=0.0, seed=1))
+    interactions = load_interactions(synthetic.events, synthetic.items)
+    later = prepare(interactions, prepared.model_config)
+    parts = split_log("leave-last-out", interactions.user, interactions.timestamp)
+    validation = Validation(later, parts.train, parts.valid)
+    assert validation.score(trainer.model)["recall@50"] < first["recall@50"]
+    second = trainer.fit(later.training_data(parts.train), "second", validation)
+    epochs = [r for r in records(tmp_path / "metrics.jsonl", "validation")
+              if r["step"] > first["step"]]
+    values = [r["recall@50"] for r in epochs]
+    assert len(epochs) >= 1 + CONFIG.patience
+    assert second["best_epoch"] == 1 + int(np.argmax(values))
+    assert second["recall@50"] == max(values)
+    assert validation.score(trainer.model)["recall@50"] == max(values)  # its own best kept

@@ -296,6 +296,9 @@ class Trainer:
                     "stopped": False}
         start = self.position if self.position.input == name else Position(name)
         config = self.config
+        if start == Position(name):  # a new input: its epochs alone are judged
+            self.early_stopping = EarlyStopping(self.early_stopping.metric, config.patience)
+            self._best = None
         if start.batch and start.shuffled != config.shuffle:
             order = "shuffled" if start.shuffled else "time"
             raise ValueError(f"input {name!r} stopped {start.batch} batches into epoch "
