@@ -142,6 +142,7 @@ def test_without_valid_rows_nothing_is_validated(log, tmp_path):
     fit(prepared, split.train, TrainConfig(batch_size=64, epochs=2, estimator_buckets=1024),
         tmp_path, progress=False, valid_rows=np.zeros(0, np.int64))
     assert records(tmp_path / "metrics.jsonl", "validation") == []
+    assert load_checkpoint(tmp_path).best is None  # nothing to keep
     [summary] = records(tmp_path / "metrics.jsonl", "input")
     assert "best_epoch" not in summary and summary["steps"] == 2 * -(-len(split.train) // 64)
 
@@ -238,3 +239,30 @@ def test_each_input_validates_from_a_fresh_start(log, tmp_path):
     assert second["best_epoch"] == 1 + int(np.argmax(values))
     assert second["recall@50"] == max(values)
     assert validation.score(trainer.model)["recall@50"] == max(values)  # its own best kept
+
+
+def test_resumed_into_another_directory_keeps_the_best_epoch(log, tmp_path):
+    """The best weights travel in the checkpoint, so a run resumed with another out_dir
+    (where no best model was ever published) still ends with them."""
+    prepared, split = log
+    validation = Validation(prepared, split.train, split.valid)
+    reference = new_trainer(prepared, tmp_path / "reference")
+    expected = fit_and_save(reference, prepared.training_data(split.train),
+                            validation=validation)
+    stopped = new_trainer(prepared, tmp_path / "stopped")
+    base = prepared.training_data(split.train)
+    data = StopAt(base.queries, base.items, base.item_row, base.item_key, base.reward,
+                  base.rows)
+    data.trainer, data.at = stopped, (expected["best_epoch"], 2)  # after the best epoch
+    with pytest.raises(TrainingStopped):
+        fit_and_save(stopped, data, validation=validation)
+    best = load_checkpoint(tmp_path / "stopped").best
+    published = load_model(tmp_path / "stopped")[0].state_dict()  # the best epoch's model
+    assert best.keys() == published.keys()
+    assert all(torch.equal(value, published[key]) for key, value in best.items())
+    resumed = Trainer.resume(tmp_path / "stopped", out_dir=tmp_path / "elsewhere",
+                             device="cpu", progress=False)
+    summary = fit_and_save(resumed, prepared.training_data(split.train), validation=validation)
+    assert summary["best_epoch"] == expected["best_epoch"]
+    assert_same_weights(reference.model, resumed.model)
+    assert_same_weights(reference.model, load_model(tmp_path / "elsewhere")[0])

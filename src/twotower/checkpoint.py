@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +43,8 @@ METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 LATEST = "LATEST"
 STATE = "state.json"
-TRAINING = "training.safetensors"  # optimizer states and RNG
+TRAINING = "training.safetensors"  # optimizer states, RNG and a validated run's best weights
+BEST = "best."  # the prefix of the best epoch's weights in TRAINING
 MANIFEST = "manifest.json"
 FORMAT = "twotower-checkpoint"
 
@@ -155,6 +156,7 @@ class Checkpoint:
     optimizers: list[dict]
     rng: torch.Tensor
     state: dict
+    best: dict[str, torch.Tensor] | None = None  # the best epoch's weights, with validation
 
 
 def _sha256(path: Path) -> str:
@@ -209,8 +211,12 @@ def checkpoint_dirs(directory: str | Path) -> list[Path]:
 
 def save_checkpoint(directory: str | Path, model: TwoTowerModel,
                     estimator: StreamingFrequencyEstimator,
-                    optimizers: list[torch.optim.Optimizer], state: dict, keep: int = 2) -> Path:
-    """Write a checkpoint of step ``state["step"]`` and make it the latest; keep ``keep``."""
+                    optimizers: list[torch.optim.Optimizer], state: dict, keep: int = 2,
+                    best: Mapping[str, torch.Tensor] | None = None) -> Path:
+    """Write a checkpoint of step ``state["step"]`` and make it the latest; keep ``keep``.
+
+    ``best`` (the weights of a validated run's best epoch so far) goes with the optimizer
+    states, so a resumed run can end with them wherever it writes."""
     root = Path(directory) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{state['step']:012d}"
@@ -222,6 +228,8 @@ def save_checkpoint(directory: str | Path, model: TwoTowerModel,
     tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
     structure = [_encode(o.state_dict(), f"optimizer.{i}", tensors)
                  for i, o in enumerate(optimizers)]
+    for key, value in (best or {}).items():
+        tensors[f"{BEST}{key}"] = value.detach().cpu().contiguous()
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     estimator_state = estimator.state_dict()
     text = json.dumps({**state, "model": model.config.to_dict(), "optimizers": structure,
@@ -301,4 +309,6 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         safetensors.numpy.load_file(str(where / ESTIMATOR)))
     tensors = safetensors.torch.load_file(str(where / TRAINING))
     optimizers = [_decode(o, tensors) for o in state.pop("optimizers")]
-    return Checkpoint(where, model, estimator, optimizers, tensors["rng.torch"], state)
+    best = {k[len(BEST):]: v for k, v in tensors.items() if k.startswith(BEST)}
+    return Checkpoint(where, model, estimator, optimizers, tensors["rng.torch"], state,
+                      best or None)

@@ -38,7 +38,6 @@ from twotower.checkpoint import (
     CHECKPOINTS,
     METRICS,
     load_checkpoint,
-    load_model,
     save_checkpoint,
     save_model,
 )
@@ -276,6 +275,7 @@ class Trainer:
         trainer.inputs_done = list(saved.state["inputs_done"])
         if "early_stopping" in saved.state:
             trainer.early_stopping = EarlyStopping(**saved.state["early_stopping"])
+        trainer._best = saved.best
         trainer.log({"event": "resume", "step": trainer.step, "from": str(saved.path)})
         return trainer
 
@@ -375,10 +375,9 @@ class Trainer:
 
     def _keep_best(self) -> dict:
         """Put the best epoch's weights back (the estimator goes on: its estimates of item
-        frequencies are as good after later epochs); what the summary says of it."""
+        frequencies are as good after later epochs); what the summary says of it. They are
+        in memory, or came with the checkpoint a resumed run started from."""
         stopping = self.early_stopping
-        if self._best is None and stopping.best_epoch >= 0 and self.out_dir is not None:
-            self._best = load_model(self.out_dir)[0].state_dict()  # published when it was best
         if self._best is not None:
             self.model.load_state_dict(self._best)
         return {"best_epoch": stopping.best_epoch + 1, stopping.metric: stopping.best_value,
@@ -462,7 +461,7 @@ class Trainer:
         if not self.world.main:
             return None
         return save_checkpoint(self.out_dir, self.model, self.estimator, self.optimizers,
-                               self.state())
+                               self.state(), best=self._best)
 
     def save(self) -> Path | None:
         """Publish the model into ``out_dir`` (what index and serve read) and checkpoint.
