@@ -5,8 +5,9 @@ Every file is written atomically (temporary file, fsync, rename), so a crash lea
 either the old file or the new one, never half of one. Nothing is pickled.
 
 A training checkpoint is a directory ``checkpoints/step-<step>`` holding the weights,
-the estimator, the optimizer states and RNG (safetensors) and ``state.json`` (step,
-position in the input, configs, and the structure of the optimizer states); its
+the estimator, the optimizer states and RNG (with a validated run's best weights so far;
+safetensors) and ``state.json`` (step, position in the input, configs, early stopping,
+and the structure of the optimizer states); its
 ``manifest.json``, written last, records each file's size and sha256. It is written
 under a hidden name and renamed into place when complete, and only then does
 ``checkpoints/LATEST`` (rewritten atomically) point to it: a crash at any moment leaves
