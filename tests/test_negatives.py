@@ -165,3 +165,9 @@ def test_a_distributed_run_refuses_mixed_negatives(tmp_path):
         message = (tmp_path / f"error-{rank}.txt").read_text()
         assert "mixed negatives are sampled in one process only" in message
         assert "--nproc 1" in message and "--mixed-negatives" in message
+
+
+def test_public_names():
+    import twotower.negatives
+
+    assert twotower.negatives.__all__ == ["uniform_negatives"]

@@ -305,3 +305,12 @@ def test_padding_touches_no_table_row():
     assert 0 in step([[in_zero, others[0]]], [others[1], others[2]])  # row 0 has momentum
     used = set(hash_buckets(np.asarray(others[3:5]), 64, seed_for("table/item")).tolist())
     assert step([[others[3]]], [others[4]]) == used  # a padded history: row 0 stays
+
+
+def test_public_names():
+    import twotower.features
+    import twotower.sequence
+
+    assert twotower.sequence.__all__ == ["SequenceEncoder"]
+    assert {"LIST_KINDS", "newest_first"} <= set(twotower.features.__all__)
+    assert twotower.features.LIST_KINDS == ("id_list", "sequence")

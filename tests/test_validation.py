@@ -266,3 +266,9 @@ def test_resumed_into_another_directory_keeps_the_best_epoch(log, tmp_path):
     assert summary["best_epoch"] == expected["best_epoch"]
     assert_same_weights(reference.model, resumed.model)
     assert_same_weights(reference.model, load_model(tmp_path / "elsewhere")[0])
+
+
+def test_public_names():
+    import twotower.validation
+
+    assert twotower.validation.__all__ == ["EarlyStopping", "Validation"]
