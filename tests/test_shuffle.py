@@ -245,3 +245,29 @@ def test_resume_is_exact_with_dropout_and_mixed_negatives(prepared, tmp_path):
     plain.fit(prepared.training_data(rows), "log")
     assert not torch.equal(plain.model.query_tower.mlp[0].weight,
                            reference.model.query_tower.mlp[0].weight)
+
+
+def test_a_checkpoint_without_the_positions_order_takes_the_runs(prepared, tmp_path):
+    """Checkpoints written before Position recorded its order: the run's order it was."""
+    import json
+
+    from twotower.checkpoint import CHECKPOINTS, LATEST, MANIFEST, STATE, _sha256
+
+    rows = np.arange(len(prepared.interactions))
+    stopped = new_trainer(prepared, tmp_path, shuffle=True, epochs=2)
+    data = recorded(prepared.training_data(rows))
+    data.trainer, data.stop_at = stopped, (0, 2)
+    stopped.fit(data, "log")
+    where = stopped.save()
+    assert where.parent == tmp_path / CHECKPOINTS
+    assert (tmp_path / CHECKPOINTS / LATEST).read_text().strip() == where.name
+    state = json.loads((where / STATE).read_text())
+    del state["position"]["shuffled"]
+    (where / STATE).write_text(json.dumps(state))
+    manifest = json.loads((where / MANIFEST).read_text())
+    manifest["files"][STATE] = {"bytes": (where / STATE).stat().st_size,
+                                "sha256": _sha256(where / STATE)}
+    (where / MANIFEST).write_text(json.dumps(manifest))
+    resumed = Trainer.resume(tmp_path, device="cpu", progress=False)
+    assert resumed.position.shuffled and resumed.position.batch == 3
+    assert not resumed.fit(prepared.training_data(rows), "log")["stopped"]

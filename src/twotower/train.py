@@ -271,7 +271,9 @@ class Trainer:
         for optimizer, state in zip(trainer.optimizers, saved.optimizers, strict=True):
             optimizer.load_state_dict(state)
         torch.set_rng_state(saved.rng)
-        trainer.position = Position(**saved.state["position"])
+        # A position written before it recorded its order was drawn in the run's order.
+        trainer.position = Position(**{"shuffled": saved.state["train"].get("shuffle", False),
+                                       **saved.state["position"]})
         trainer.inputs_done = list(saved.state["inputs_done"])
         if "early_stopping" in saved.state:
             trainer.early_stopping = EarlyStopping(**saved.state["early_stopping"])
