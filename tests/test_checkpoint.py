@@ -234,3 +234,82 @@ def test_fresh_directory_has_the_usual_mode(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert made.is_dir() and made.stat().st_mode & 0o777 == 0o777 & ~mask
+
+
+def _checkpoints(directory, steps=(1, 2)) -> list:
+    """Training checkpoints of the trained model at ``steps``, written as the trainer does."""
+    from twotower.checkpoint import save_checkpoint
+
+    model, estimator = trained()
+    optimizer = torch.optim.Adam(model.parameters())
+    return [save_checkpoint(directory, model, estimator, [optimizer], {"step": step})
+            for step in steps]
+
+
+def test_checkpoint_and_model_files_get_the_usual_mode(tmp_path):
+    import os
+
+    model, estimator = trained()
+    save_model(tmp_path, model, estimator)
+    _checkpoints(tmp_path)
+    mask = os.umask(0)
+    os.umask(mask)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert {p.name for p in files} >= {WEIGHTS, ESTIMATOR, "training.safetensors", CONFIG}
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == \
+        {p.name: oct(0o666 & ~mask) for p in files}
+
+
+def test_missing_or_unreadable_latest_names_the_complete_checkpoints(tmp_path):
+    from twotower.checkpoint import CHECKPOINTS, LATEST, CheckpointError, load_checkpoint
+
+    first, second = _checkpoints(tmp_path)
+    latest = tmp_path / CHECKPOINTS / LATEST
+    for damage in (b"\xff\xfe\x00step", b"../../elsewhere\n", None):
+        if damage is None:
+            latest.unlink()
+        else:
+            latest.write_bytes(damage)
+        with pytest.raises(CheckpointError) as error:
+            load_checkpoint(tmp_path)
+        message = str(error.value)
+        assert str(first) in message and str(second) in message and "train a new" not in message
+        assert "codec" not in message
+    assert load_checkpoint(second).state["step"] == 2
+
+
+_FULL_DISK = """
+import resource, signal, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_checkpoint import _checkpoints
+from twotower.checkpoint import CheckpointError
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (512, resource.RLIM_INFINITY))
+try:
+    _checkpoints(Path({directory!r}), steps=(3,))
+except CheckpointError as error:
+    print(error)
+"""
+
+
+def test_a_checkpoint_that_cannot_be_written_says_the_last_one_is_intact(tmp_path):
+    """A real failed write (the file-size limit makes the kernel refuse it, as a full disk
+    would), in a child process so the limit stays there."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from twotower.checkpoint import CHECKPOINTS, load_checkpoint
+
+    _, second = _checkpoints(tmp_path)
+    script = _FULL_DISK.format(tests=str(Path(__file__).parent), directory=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "could not write checkpoint" in done.stdout and "step-000000000003" in done.stdout
+    assert f"the last complete checkpoint, {second}, is intact" in done.stdout
+    assert "Traceback" not in done.stderr
+    assert load_checkpoint(tmp_path).path == second
+    assert sorted(p.name for p in (tmp_path / CHECKPOINTS).iterdir()) == \
+        ["LATEST", "step-000000000001", "step-000000000002"]

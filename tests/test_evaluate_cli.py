@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -125,3 +126,40 @@ def test_bad_cut_off_or_resample_count_is_refused(setup, capsys, flags):
         main(["evaluate", str(model), "--events", str(events), "--items", str(items), *flags])
     assert exit_.value.code == 2
     assert "must be at least" in capsys.readouterr().err
+
+
+def test_a_split_flag_is_never_ignored(setup, tmp_path, capsys):
+    _, events, items = setup
+    data = ["--events", str(events), "--items", str(items)]
+    assert main(["train", *data, "--test-fraction", "0.5", "--out", str(tmp_path / "m"),
+                 "--batch-size", "128", "--quiet"]) == 0  # a time split, as with --cutoff
+    split = json.loads((tmp_path / "m" / "config.json").read_text())["split"]
+    assert split["kind"] == "time" and split["test_fraction"] == 0.5
+    capsys.readouterr()
+    for flags in (["--split", "leave-last-out", "--test-fraction", "0.5"],
+                  ["--split", "none", "--cutoff", CUTOFF]):
+        assert main(["train", *data, *flags, "--out", str(tmp_path / "n"), "--quiet"]) == 2
+        assert "are for a time split" in capsys.readouterr().err
+    assert not (tmp_path / "n").exists()
+
+
+def test_evaluating_on_other_events_than_training_read_is_not_warned_about(setup, tmp_path,
+                                                                         capsys):
+    """A model trained on all of one events file, evaluated with a split of the same file,
+    may have trained on the test events (a warning); on another file it cannot."""
+    _, events, items = setup
+    day_one = tmp_path / "day1.parquet"
+    table = pq.read_table(events)
+    pq.write_table(table.filter(pc.less(table.column("timestamp"), int(CUTOFF))),
+                   day_one)
+    model = tmp_path / "model"
+    assert main(["train", "--events", str(day_one), "--items", str(items), "--out", str(model),
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(model), "--events", str(events), "--cutoff", CUTOFF,
+                 "--bootstrap", "0"]) == 0
+    assert "warning" not in json.loads(capsys.readouterr().err.splitlines()[-1])
+    assert main(["evaluate", str(model), "--events", str(day_one), "--split",
+                 "leave-last-out", "--bootstrap", "0"]) == 0
+    assert "may have been trained on" in json.loads(capsys.readouterr().err.splitlines()[-1])[
+        "warning"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -131,3 +132,45 @@ def test_load_non_index_directory(tmp_path):
         ItemIndex.load(tmp_path)
     with pytest.raises(FileNotFoundError, match="not an index directory"):
         ItemIndex.load(tmp_path / "missing")
+
+
+def _index_with_every_file(directory):
+    """An approximate index with popularity and labels: every file an index can have."""
+    items, keys, _ = random_case(300, 8, seed=6)
+    labels = [f"item-{k}" for k in keys]
+    popularity = np.log(np.linspace(0.01, 1, len(keys)))
+    return ItemIndex.build(items, keys, "HNSW8", log_popularity=popularity, labels=labels,
+                           num_recall_queries=20).save(directory)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_a_damaged_index_file_is_refused_naming_it(tmp_path, damage):
+    directory = _index_with_every_file(tmp_path / "ix")
+    names = sorted(p.name for p in directory.iterdir() if p.name != "index.json")
+    assert names == ["embeddings.npy", "index.faiss", "keys.npy", "labels.json",
+                     "log_popularity.npy"]
+    for name in names:
+        copy = tmp_path / f"{damage}-{name}"
+        shutil.copytree(directory, copy)
+        path = copy / name
+        data = path.read_bytes()
+        if damage == "flip":  # one bit in the data region, past any header
+            middle = len(data) * 3 // 4
+            path.write_bytes(data[:middle] + bytes([data[middle] ^ 1]) + data[middle + 1:])
+        elif damage == "truncate":
+            path.write_bytes(data[:-4])
+        else:
+            path.unlink()
+        with pytest.raises(ValueError, match=f"damaged: {name}") as error:
+            ItemIndex.load(copy)
+        assert "rebuild it with `twotower index`" in str(error.value)
+    assert len(ItemIndex.load(directory)) == 300
+
+
+def test_an_index_without_checksums_is_refused(tmp_path):
+    directory = _index_with_every_file(tmp_path / "ix")
+    meta = json.loads((directory / "index.json").read_text())
+    del meta["files"]
+    (directory / "index.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="lists no checksums"):
+        ItemIndex.load(directory)

@@ -235,3 +235,20 @@ def test_cli_index_and_recommend(artifacts, tmp_path, capsys):
     add_commands(parsed.add_subparsers(dest="command"))
     args = parsed.parse_args(["serve", str(model)])
     assert args.host == "127.0.0.1" and args.index is None
+
+
+def test_a_history_longer_than_training_read_is_cut_to_its_newest_items(recommender):
+    """A query may give a user's whole history: the model reads the newest ``length``
+    items, as training did, and ``exclude_history`` leaves out every item given."""
+    [spec] = [s for s in recommender.specs if s.name == "history"]
+    whole = list(range(100, 100 + spec.length + 15))
+    newest = whole[-spec.length:]
+    long_query = recommender.parse({"user_id": 5, "history": whole}, k=50,
+                                   exclude_history=True)
+    short_query = recommender.parse({"user_id": 5, "history": newest}, k=50 + 15,
+                                    exclude_history=True)
+    [long_result] = recommender.recommend_queries([long_query])
+    [short_result] = recommender.recommend_queries([short_query])
+    assert not set(long_result.keys) & set(whole)
+    # The same query vector: the newest items' ranking, less the older history items.
+    assert long_result.keys == [k for k in short_result.keys if k not in whole][:50]

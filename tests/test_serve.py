@@ -439,7 +439,7 @@ def test_reload_needs_the_token_and_a_json_body_naming_no_path(artifacts, other,
 
 @pytest.mark.parametrize("breakage, logged", [
     ("no fingerprint", "records no model fingerprint"),
-    ("not an index file", "cannot read index directory")])
+    ("not an index file", "is damaged")])
 def test_refused_reload_tells_the_client_no_paths_or_file_contents(artifacts, tmp_path,
                                                                    caplog, breakage, logged):
     served = served_copy(artifacts, tmp_path / "served")

@@ -294,6 +294,20 @@ def start_server(workdir: Path, port: int, args: argparse.Namespace) -> subproce
     raise SystemExit("the server did not become ready")
 
 
+def portable_command(argv: list[str]) -> str:
+    """The command line as run, paths relative to the repository (outside it: the file
+    name alone), so the recorded results name no machine's directories."""
+    root = Path(__file__).resolve().parents[2]
+    words = []
+    for word in argv:
+        path = Path(word)
+        if path.is_absolute():
+            path = path.resolve()
+            word = str(path.relative_to(root)) if path.is_relative_to(root) else path.name
+        words.append(word)
+    return " ".join(words)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=1_000_000)
@@ -314,7 +328,7 @@ def main() -> None:
 
     import uvloop
 
-    results: dict = {"command": " ".join(sys.argv), "cpus": os.cpu_count(),
+    results: dict = {"command": portable_command(sys.argv), "cpus": os.cpu_count(),
                      "machine": platform.processor() or platform.machine()}
     marker = args.workdir / f"built-{args.items}-{args.clusters}-{args.seed}.json"
     if args.rebuild or not marker.exists():

@@ -50,6 +50,7 @@ def venv_python(name: str, packages: list[str]) -> Path:
     where = VENVS / name
     python = where / "bin" / "python"
     if not (where / "ready").exists():
+        VENVS.mkdir(parents=True, exist_ok=True)  # inside the tree, git-ignored
         subprocess.run([sys.executable, "-m", "venv", str(where)], check=True)
         pip = [str(python), "-m", "pip", "install", "--quiet"]
         if subprocess.run(pip + packages).returncode:

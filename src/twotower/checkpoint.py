@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
@@ -35,7 +36,7 @@ from twotower.frequency import StreamingFrequencyEstimator
 from twotower.towers import ModelConfig, TwoTowerModel
 
 __all__ = ["Checkpoint", "CheckpointError", "atomic_write", "checkpoint_dirs", "load_checkpoint",
-           "load_model", "save_checkpoint", "save_model", "versions"]
+           "load_model", "save_checkpoint", "save_model", "sha256_of", "versions"]
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -48,6 +49,7 @@ TRAINING = "training.safetensors"  # optimizer states, RNG and a validated run's
 BEST = "best."  # the prefix of the best epoch's weights in TRAINING
 MANIFEST = "manifest.json"
 FORMAT = "twotower-checkpoint"
+_STEP_NAME = re.compile(r"step-\d{12,}(-\d+)?")
 
 
 def versions() -> dict[str, str]:
@@ -81,9 +83,11 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; artifacts get the usual mode
     try:
         write(Path(tmp))
+        # mkstemp makes 0600, and some writers (safetensors) make the file anew: artifacts
+        # get the usual mode once written.
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -160,7 +164,8 @@ class Checkpoint:
     best: dict[str, torch.Tensor] | None = None  # the best epoch's weights, with validation
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in chunks (artifacts can be large)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
@@ -226,6 +231,24 @@ def save_checkpoint(directory: str | Path, model: TwoTowerModel,
         n += 1
         final = root / f"{name}-{n}"
     tmp = fresh_directory(root, f".{final.name}.")
+    try:
+        _write_checkpoint(tmp, final, model, estimator, optimizers, state, best)
+    except (OSError, safetensors.SafetensorError) as error:  # e.g. the disk is full
+        shutil.rmtree(tmp, ignore_errors=True)
+        complete = [p for p in checkpoint_dirs(directory) if p != final]
+        kept = f"the last complete checkpoint, {complete[-1]}, is intact (resume from it " \
+            "once there is room)" if complete else "no earlier checkpoint exists"
+        raise CheckpointError(f"could not write checkpoint {final}: {error}; {kept}") from None
+    for old in checkpoint_dirs(directory)[:-keep] + list(root.glob(".step-*")):
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_checkpoint(tmp: Path, final: Path, model: TwoTowerModel,
+                      estimator: StreamingFrequencyEstimator,
+                      optimizers: list[torch.optim.Optimizer], state: dict,
+                      best: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Fill ``tmp`` (files, then the manifest), rename it to ``final``, point LATEST at it."""
     tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
     structure = [_encode(o.state_dict(), f"optimizer.{i}", tensors)
                  for i, o in enumerate(optimizers)]
@@ -242,15 +265,12 @@ def save_checkpoint(directory: str | Path, model: TwoTowerModel,
     for file, write in writers.items():
         atomic_write(tmp / file, write)
     manifest = {"format": FORMAT, "step": state["step"],
-                "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)}
+                "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": sha256_of(tmp / f)}
                           for f in writers}}
     atomic_write(tmp / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
     os.rename(tmp, final)
-    _fsync_dir(root)
-    atomic_write(root / LATEST, lambda p: p.write_text(final.name + "\n"))
-    for old in checkpoint_dirs(directory)[:-keep] + list(root.glob(".step-*")):
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    _fsync_dir(final.parent)
+    atomic_write(final.parent / LATEST, lambda p: p.write_text(final.name + "\n"))
 
 
 def _resolve(path: Path) -> Path:
@@ -258,11 +278,22 @@ def _resolve(path: Path) -> Path:
     if (path / MANIFEST).exists() or path.name.startswith("step-"):
         return path
     latest = path / CHECKPOINTS / LATEST
+    complete = checkpoint_dirs(path)
+    remaining = f"; complete checkpoints: {', '.join(str(p) for p in complete)} (resume " \
+        "from one by naming it, the newest last)" if complete else ""
     if not latest.exists():
+        advice = remaining or ": resume from a model directory written by `twotower train`, " \
+            "or train a new model"
         raise CheckpointError(f"{path} holds no training checkpoint ({CHECKPOINTS}/{LATEST} is "
-                              "missing): resume from a model directory written by `twotower "
-                              "train`, or train a new model")
-    return path / CHECKPOINTS / latest.read_text().strip()
+                              f"missing){advice}")
+    try:
+        name = latest.read_bytes().decode().strip()
+    except UnicodeDecodeError:
+        name = None
+    if name is None or not _STEP_NAME.fullmatch(name):
+        raise CheckpointError(f"{latest} is damaged (it does not name a checkpoint)"
+                              f"{remaining or '; no complete checkpoint is left, so retrain'}")
+    return path / CHECKPOINTS / name
 
 
 def _damaged(where: Path, what: str) -> CheckpointError:
@@ -294,7 +325,7 @@ def _verify(where: Path) -> None:
         if size != expected["bytes"]:
             raise _damaged(where, f"{file} has {size} bytes, its manifest says "
                                   f"{expected['bytes']} (truncated or overwritten)")
-        if _sha256(path) != expected["sha256"]:
+        if sha256_of(path) != expected["sha256"]:
             raise _damaged(where, f"{file} does not match its sha256 in {MANIFEST} (changed "
                                   "after it was written)")
 

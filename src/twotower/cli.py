@@ -82,22 +82,42 @@ def _split_choice(args: argparse.Namespace, schema, stored: dict) -> tuple[str |
     schema's ``split``; ``None`` when nothing names one."""
     stored = stored if stored.get("kind") != "none" else {}
     kind = args.split or stored.get("kind") or (schema.split.kind if schema.split else None)
-    if kind is None and args.cutoff is not None:
+    explicit = args.cutoff is not None or args.test_fraction is not None
+    if kind is None and explicit:
         kind = "time"
+    if explicit and kind != "time":  # never ignore a flag the user gave
+        source = "--split" if args.split else "the model's split" \
+            if stored.get("kind") == kind else "the schema's split"
+        raise ValueError(f"--cutoff and --test-fraction are for a time split, but {source} is "
+                         f"{kind!r}; add --split time, or leave them out")
     same = stored if stored.get("kind") == kind else {}
     from_schema = schema.split.model_dump() if schema.split and schema.split.kind == kind else {}
-    explicit = args.cutoff is not None or args.test_fraction is not None
     cutoff = args.cutoff if explicit else same.get("cutoff", from_schema.get("cutoff"))
     fraction = args.test_fraction if explicit else \
         same.get("test_fraction", from_schema.get("test_fraction"))
-    return kind, {k: v for k, v in (("cutoff", cutoff), ("test_fraction", fraction))
-                  if v is not None}
+    column = same.get("column", from_schema.get("column"))
+    if kind == "column" and column is None:
+        raise ValueError("--split column needs the schema's split to name its column "
+                         "(split: {kind: column, column: NAME})")
+    return kind, {k: v for k, v in (("cutoff", cutoff), ("test_fraction", fraction),
+                                    ("column", column)) if v is not None}
+
+
+def _split(kind: str, params: dict, interactions):
+    """The split of a log in memory (a column split reads its events column)."""
+    from twotower.data.splits import split_log
+
+    parts = None
+    if kind == "column":
+        parts = interactions.query_columns([params["column"]])[params["column"]]
+        parts = parts.to_numpy(zero_copy_only=False)
+    return split_log(kind, interactions.user, interactions.timestamp, parts=parts, **params)
 
 
 def _train_new(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from twotower.data.splits import cutoff_for_fraction, split_log
+    from twotower.data.splits import cutoff_for_fraction
     from twotower.distributed import World
     from twotower.train import TrainConfig
 
@@ -119,9 +139,9 @@ def _train_new(args: argparse.Namespace) -> int:
         from twotower.data.streaming import EventStream, StreamingTrainingData
         from twotower.experiment import fit_stream, schema_model_config, stream_ids
 
-        if kind == "leave-last-out":
-            raise ValueError("leave-last-out needs every user's last events, so the whole "
-                             "log; with --streaming use --split time (or load in memory)")
+        if kind in ("leave-last-out", "column"):
+            raise ValueError(f"a {kind} split needs the whole log; with --streaming use "
+                             "--split time (or load in memory)")
         stream = EventStream(schema)
         if kind == "time" and "cutoff" not in params:
             if "test_fraction" not in params:
@@ -140,7 +160,7 @@ def _train_new(args: argparse.Namespace) -> int:
         rows = np.arange(len(interactions))
         split, valid = {"kind": "none"}, None
         if kind is not None:
-            parts = split_log(kind, interactions.user, interactions.timestamp, **params)
+            parts = _split(kind, params, interactions)
             rows, valid, split = parts.train, parts.valid, {**params, **parts.summary()}
         model_config = schema_model_config(schema, memory_ids(interactions))
         fit(prepare(interactions, model_config), rows, config, args.out, not args.quiet,
@@ -178,12 +198,11 @@ def _train_rows(args: argparse.Namespace, schema, interactions):
     """The rows of a log in memory to train on: all, or the train part of the split."""
     import numpy as np
 
-    from twotower.data.splits import split_log
 
     kind, params = _split_choice(args, schema, {})
     if kind in (None, "none"):
         return np.arange(len(interactions)), {"kind": "none"}
-    parts = split_log(kind, interactions.user, interactions.timestamp, **params)
+    parts = _split(kind, params, interactions)
     return parts.train, {**params, **parts.summary()}
 
 
@@ -271,7 +290,6 @@ def _follow(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from twotower.checkpoint import load_model
-    from twotower.data.splits import split_log
     from twotower.experiment import prepare, score
     from twotower.index_eval import format_side_by_side, index_score
 
@@ -282,7 +300,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise ValueError("say which events to test on: --split time --cutoff T (or "
                          "--test-fraction F), or --split leave-last-out")
     interactions = _load(schema)
-    split = split_log(kind, interactions.user, interactions.timestamp, **params)
+    split = _split(kind, params, interactions)
     rows = split.part(args.on)
     if len(rows) == 0:
         raise ValueError(f"the {kind} split has no {args.on} events ({split.summary()})")
@@ -300,7 +318,10 @@ def _evaluate(args: argparse.Namespace) -> int:
                          "recall@100 at build": index.recall}
     print(json.dumps(metrics, indent=2))
     trained = config.get("split", {})
-    if trained and (trained.get("kind"), trained.get("cutoff")) != (kind, split.info.get("cutoff")):
+    trained_on = config.get("schema", {}).get("events", {}).get("path")
+    same_events = trained_on is None or trained_on == schema.events.path
+    if same_events and trained and \
+            (trained.get("kind"), trained.get("cutoff")) != (kind, split.info.get("cutoff")):
         note["warning"] = (f"the model was trained on the {trained.get('kind')} split "
                            f"({trained}); some {args.on} events may have been trained on")
     print(json.dumps(note), file=sys.stderr)
@@ -333,6 +354,29 @@ def _compare(args: argparse.Namespace) -> int:
                       args.runs, train, args.exclude_seen, not args.quiet, args.ks)
     print(format_comparison(results, headline(args.ks)))
     print(f"report: {Path(args.out).resolve() / 'report' / 'report.html'}")
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from twotower.train import TrainConfig
+    from twotower.tune import format_tuning, parse_grid, tune
+
+    grid = parse_grid(args.grid)
+    schema = _schema(args)
+    kind, params = _split_choice(args, schema, {})
+    if kind in (None, "none"):
+        raise ValueError("tune chooses on validation events: give the schema a split with "
+                         "them (leave-last-out, or a column split with `valid` rows)")
+    interactions = _load(schema)
+    split = _split(kind, params, interactions)
+    train = TrainConfig(batch_size=args.batch_size, epochs=args.epochs, learning_rate=args.lr,
+                        correction=args.correction, seed=args.seed, shuffle=True,
+                        patience=args.patience)
+    rows = tune(schema, interactions, split, grid, train, args.out, not args.quiet,
+                {"data": interactions.report})
+    print(format_tuning(rows))
+    print(f"best: {Path(args.out) / 'best'} ({rows[0]['run']}, validation recall@50 "
+          f"{rows[0]['recall@50']:.4f} at epoch {rows[0]['best_epoch']})")
     return 0
 
 
@@ -482,6 +526,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=_train)
+
+    p = commands.add_parser("tune", help="a small grid of settings, each trained with early "
+                                         "stopping on the split's validation events")
+    _data_arguments(p)
+    _split_arguments(p, none=False)
+    p.add_argument("--out", default="twotower-tune", help="directory for the runs")
+    p.add_argument("--grid", nargs="+", required=True, metavar="NAME=V1,V2",
+                   help="settings to try, every combination: lr, batch_size, temperature, "
+                   "dropout, dim, output_dim, mixed_negatives, correction")
+    p.add_argument("--epochs", type=_at_least(1), default=30, help="the most epochs of a run")
+    p.add_argument("--patience", type=_at_least(1), default=3)
+    p.add_argument("--batch-size", type=_at_least(2), default=1024)
+    p.add_argument("--lr", type=float, default=0.005)
+    p.add_argument("--correction", choices=["none", "streaming", "oracle"],
+                   default="streaming")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(run=_tune)
 
     p = commands.add_parser("evaluate", help="full-corpus metrics on the test part of a split")
     p.add_argument("model", help="model directory")

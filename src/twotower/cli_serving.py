@@ -9,10 +9,39 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 __all__ = ["add_commands"]
+
+
+def _at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer no smaller than ``low``."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return parse
+
+
+def _finite(text: str) -> float:
+    """An argparse type: a finite number."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def _share(text: str) -> float:
+    """An argparse type: a number in (0, 1]."""
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
 
 
 def _index_dir(args: argparse.Namespace) -> Path:
@@ -40,16 +69,34 @@ def _index(args: argparse.Namespace) -> int:
 
 
 def _recommend(args: argparse.Namespace) -> int:
+    from twotower.checkpoint import atomic_write
     from twotower.recommend import Recommender, recommend_file
 
-    recommender = Recommender.load(args.model, _index_dir(args))
-    out = sys.stdout if args.out == "-" else open(args.out, "w")  # noqa: SIM115
-    try:
-        count = recommend_file(recommender, args.queries, out, args.k, args.exclude_seen,
-                               args.exclude_column, args.popularity_penalty, args.batch_size)
-    finally:
-        if out is not sys.stdout:
-            out.close()
+    if args.items:
+        if args.index:
+            raise ValueError("give --index (search a built index) or --items (exact search "
+                             "over an items table), not both")
+        recommender = Recommender.exact(args.model, args.items)
+    else:
+        recommender = Recommender.load(args.model, _index_dir(args))
+
+    def answer(out: IO[str]) -> int:
+        return recommend_file(recommender, args.queries, out, args.k, args.exclude_seen,
+                              args.exclude_column, args.popularity_penalty, args.batch_size)
+
+    if args.out == "-":
+        count = answer(sys.stdout)
+    else:  # complete or absent: a bad query leaves no half-written file
+        if Path(args.out).is_dir():
+            raise ValueError(f"--out {args.out} is a directory; name a file")
+        counts: list[int] = []
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "w") as f:
+                counts.append(answer(f))
+
+        atomic_write(Path(args.out), write)
+        count = counts[0]
     print(f"top-{args.k} for {count:,} queries -> {args.out}", file=sys.stderr)
     return 0
 
@@ -80,33 +127,39 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--factory", default="auto",
                    help="'auto' (exact below --exact-below items, HNSW above) or a faiss "
                    "factory string, e.g. Flat, HNSW32, IVF4096,PQ13")
-    p.add_argument("--exact-below", type=int, default=100_000,
+    p.add_argument("--exact-below", type=_at_least(0), default=100_000,
                    help="corpus size from which 'auto' goes approximate")
-    p.add_argument("--ef-search", type=int, help="fix HNSW efSearch instead of tuning it")
-    p.add_argument("--nprobe", type=int, help="fix IVF nprobe instead of tuning it")
-    p.add_argument("--target-recall", type=float, default=0.95,
+    p.add_argument("--ef-search", type=_at_least(1),
+                   help="fix HNSW efSearch instead of tuning it")
+    p.add_argument("--nprobe", type=_at_least(1), help="fix IVF nprobe instead of tuning it")
+    p.add_argument("--target-recall", type=_share, default=0.95,
                    help="tune the search parameter until recall@100 vs exact reaches this")
-    p.add_argument("--recall-queries", type=int, default=1000,
+    p.add_argument("--recall-queries", type=_at_least(1), default=1000,
                    help="sampled queries for the recall check")
     p.add_argument("--no-popularity", action="store_true",
                    help="leave out the log-popularity column (no popularity penalty)")
-    p.add_argument("--batch-size", type=int, default=8192, help="items per tower forward")
+    p.add_argument("--batch-size", type=_at_least(1), default=8192,
+                   help="items per tower forward")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_index)
 
     p = commands.add_parser("recommend", help="top-K for a file of queries, as JSON lines")
     p.add_argument("model", help="model directory")
     p.add_argument("--index", help="index directory (default: MODEL/index)")
+    p.add_argument("--items", help="instead of an index: embed this items table and search "
+                   "it exactly (no `twotower index` needed)")
     p.add_argument("--queries", required=True,
                    help="queries (Parquet, CSV or JSON lines) with the model's query features")
-    p.add_argument("--out", default="-", help="JSON lines output (default: stdout)")
-    p.add_argument("-k", "--k", type=int, default=10, help="items per query")
+    p.add_argument("--out", default="-",
+                   help="JSON lines output, written atomically (default: stdout)")
+    p.add_argument("-k", "--k", type=_at_least(1), default=10, help="items per query")
     p.add_argument("--exclude-seen", action="store_true",
                    help="never recommend the items of a query's history")
     p.add_argument("--exclude-column", help="a list column of item keys to leave out per query")
-    p.add_argument("--popularity-penalty", type=float, default=0.0,
+    p.add_argument("--popularity-penalty", type=_finite, default=0.0,
                    help="beta: rank by <u, v> - beta log p_hat(item) (0: plain scores)")
-    p.add_argument("--batch-size", type=int, default=1024, help="queries per forward")
+    p.add_argument("--batch-size", type=_at_least(1), default=1024,
+                   help="queries per forward")
     p.set_defaults(run=_recommend)
 
     p = commands.add_parser("serve", help="the HTTP service (FastAPI + uvicorn)")

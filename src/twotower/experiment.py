@@ -10,7 +10,7 @@ full-corpus evaluation on a later part.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +49,8 @@ def default_model_config(columns: Columns, item_buckets: int = 1 << 17,
         tables[name] = TableSpec(feature_buckets, dim)
         item_features.append(FeatureSpec(name, "id"))
     query_features = [FeatureSpec(columns.user, "id", table="user"),
-                      FeatureSpec(HISTORY, "id_list", table="item")]
+                      FeatureSpec(HISTORY, "id_list", table="item",
+                                  length=columns.history_length or None)]
     return ModelConfig(tables, query_features, item_features, list(hidden), list(hidden),
                        output_dim, True, temperature)
 
@@ -113,7 +114,10 @@ def schema_model_config(schema: Schema, ids: IdSource) -> ModelConfig:
             buckets = auto_buckets(len(np.unique(np.concatenate([ids(*s) for s in reads]))))
         tables[name] = TableSpec(buckets, table.dim or schema.model.dim)
     model = schema.model
-    return ModelConfig(tables, [f.spec() for f in schema.query_features],
+    keys = {schema.events.item, schema.items.key}
+    query = [replace(f.spec(), length=f.length) if f.kind == "id_list" and f.history in keys
+             else f.spec() for f in schema.query_features]
+    return ModelConfig(tables, query,
                        [f.spec() for f in schema.item_features], list(model.hidden),
                        list(model.hidden), model.output_dim, model.normalize, model.temperature,
                        model.dropout)

@@ -24,7 +24,7 @@ import torch
 from twotower.hashing import hash_buckets, seed_for, to_int64_ids
 
 __all__ = ["LIST_KINDS", "Bag", "EncodedFeatures", "FeatureSpec", "TableSpec", "bag_from_arrow",
-           "newest_first", "take_bag"]
+           "newest", "newest_first", "take_bag"]
 
 FeatureKind = Literal["id", "id_list", "sequence", "dense"]
 KINDS: tuple[str, ...] = ("id", "id_list", "sequence", "dense")
@@ -52,7 +52,9 @@ class FeatureSpec:
     names a list column of per-id weights for an ``id_list`` (a weighted mean instead
     of a plain one). ``width`` is the number of values of a ``dense`` feature. A
     ``sequence`` is a list of ids whose order matters (oldest first), read by a small
-    self-attention encoder over its newest ``length`` ids.
+    self-attention encoder over its newest ``length`` ids; an ``id_list`` with a
+    ``length`` (a history of item ids) is cut to its newest ``length`` ids too, so a query
+    may give a user's whole history and the model reads what training read.
     """
 
     name: str
@@ -113,10 +115,13 @@ class Bag:
         return cls(values, offsets, flat_w)
 
 
-def bag_from_arrow(column: pa.Array | pa.ChunkedArray, name: str, numeric: bool = False) -> Bag:
-    """A :class:`Bag` from an Arrow list column (nulls become empty bags).
+def bag_from_arrow(column: pa.Array | pa.ChunkedArray, name: str, numeric: bool = False,
+                   where: str = "input", first_row: int = 0) -> Bag:
+    """A :class:`Bag` from an Arrow list column (null lists become empty bags).
 
     With ``numeric`` the list holds numbers (weights), kept as ``float32`` in ``weights``.
+    A null id inside a list is an error naming ``where`` and its row, counted from
+    ``first_row``.
     """
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
@@ -130,6 +135,11 @@ def bag_from_arrow(column: pa.Array | pa.ChunkedArray, name: str, numeric: bool 
     if numeric:
         numbers = values.to_numpy(zero_copy_only=False).astype(np.float32)
         return Bag(np.zeros(len(numbers), np.int64), offsets - offsets[0], numbers)
+    if values.null_count:
+        position = np.argmax(values.is_null().to_numpy(zero_copy_only=False))
+        row = first_row + int(np.searchsorted(offsets - offsets[0], position, "right")) - 1
+        raise ValueError(f"{where}: id_list {name!r} holds {values.null_count} null id(s), "
+                         f"first in the list at row {row}")
     return Bag(to_int64_ids(values), offsets - offsets[0])
 
 
@@ -143,6 +153,19 @@ def take_bag(bag: Bag, rows: np.ndarray) -> Bag:
     index = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
     weights = None if bag.weights is None else bag.weights[index]
     return Bag(bag.values[index], offsets, weights)
+
+
+def newest(bag: Bag, length: int) -> Bag:
+    """Each bag cut to its last (newest) ``length`` ids; shorter bags as they are."""
+    lengths = np.diff(bag.offsets)
+    if len(lengths) == 0 or lengths.max(initial=0) <= length:
+        return bag
+    kept = np.minimum(lengths, length)
+    starts = bag.offsets[1:] - kept
+    offsets = np.concatenate([[0], np.cumsum(kept)]).astype(np.int64)
+    index = np.repeat(starts - offsets[:-1], kept) + np.arange(offsets[-1])
+    return Bag(bag.values[index], offsets,
+               None if bag.weights is None else bag.weights[index])
 
 
 def newest_first(bag: Bag, length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -175,11 +198,13 @@ class EncodedFeatures:
 
     ``id`` features are stored as ``int64`` bucket arrays ``[n]``, ``id_list`` features
     as a :class:`Bag` of buckets with mean weights, ``dense`` features as ``float32``
-    ``[n, width]``.
+    ``[n, width]``. ``first_row`` is the number of the first of these rows in their file
+    (a file read in batches), so an error names a row a user can look up.
     """
 
     def __init__(self, specs: Sequence[FeatureSpec], tables: Mapping[str, TableSpec],
-                 columns: Mapping[str, object], where: str = "input") -> None:
+                 columns: Mapping[str, object], where: str = "input",
+                 first_row: int = 0) -> None:
         self.specs = list(specs)
         self.data: dict[str, object] = {}
         lengths = set()
@@ -195,7 +220,7 @@ class EncodedFeatures:
                     raise KeyError(f"{where}: weights column {spec.weights!r} of feature "
                                    f"{spec.name!r} is missing")
                 weights = columns[spec.weights]
-            encoded = _encode(spec, tables, columns[spec.name], where, weights)
+            encoded = _encode(spec, tables, columns[spec.name], where, weights, first_row)
             self.data[spec.name] = encoded
             lengths.add(len(encoded))
         if len(lengths) > 1:
@@ -229,7 +254,16 @@ class EncodedFeatures:
         return batch
 
 
-def _bag_weights(bag: Bag, column: object, spec: FeatureSpec, where: str) -> np.ndarray:
+def _null_row(column: object, first_row: int) -> str:
+    """`` (first at row N)`` for the first null of an Arrow column, else nothing."""
+    if not isinstance(column, pa.Array | pa.ChunkedArray) or not column.null_count:
+        return ""
+    nulls = column.is_null()
+    return f" (first at row {first_row + int(np.argmax(nulls.to_numpy(zero_copy_only=False)))})"
+
+
+def _bag_weights(bag: Bag, column: object, spec: FeatureSpec, where: str,
+                 first_row: int) -> np.ndarray:
     """The weights column of an id_list, checked against its bags."""
     if isinstance(column, pa.Array | pa.ChunkedArray):
         weights = bag_from_arrow(column, spec.weights, numeric=True)
@@ -242,14 +276,16 @@ def _bag_weights(bag: Bag, column: object, spec: FeatureSpec, where: str) -> np.
         raise ValueError(f"{where}: weights {spec.weights!r} of feature {spec.name!r} do not "
                          "have one weight per id")
     values = np.asarray(values, dtype=np.float32)
-    if not (np.isfinite(values) & (values >= 0)).all():
+    bad = ~(np.isfinite(values) & (values >= 0))
+    if bad.any():
+        row = first_row + int(np.searchsorted(offsets, np.argmax(bad), side="right")) - 1
         raise ValueError(f"{where}: weights {spec.weights!r} of feature {spec.name!r} must be "
-                         "finite and non-negative")
+                         f"finite and non-negative, first bad one at row {row}")
     return values
 
 
 def _encode(spec: FeatureSpec, tables: Mapping[str, TableSpec], column: object,
-            where: str, weights: object = None) -> object:
+            where: str, weights: object = None, first_row: int = 0) -> object:
     if spec.kind == "dense":
         values = np.asarray(column.to_numpy(zero_copy_only=False)
                             if isinstance(column, pa.ChunkedArray | pa.Array) else column)
@@ -263,7 +299,8 @@ def _encode(spec: FeatureSpec, tables: Mapping[str, TableSpec], column: object,
         bad = ~np.isfinite(values).all(axis=1)
         if bad.any():
             raise ValueError(f"{where}: dense feature {spec.name!r} has non-finite values "
-                             f"in {int(bad.sum())} row(s), first at row {int(np.argmax(bad))}")
+                             f"in {int(bad.sum())} row(s), first at row "
+                             f"{first_row + int(np.argmax(bad))}")
         return values
     if spec.table_name not in tables:
         raise KeyError(f"{where}: feature {spec.name!r} uses table {spec.table_name!r}, "
@@ -274,16 +311,19 @@ def _encode(spec: FeatureSpec, tables: Mapping[str, TableSpec], column: object,
         try:
             ids = to_int64_ids(column)
         except (TypeError, ValueError) as error:
-            raise type(error)(f"{where}: id feature {spec.name!r}: {error}") from None
+            raise type(error)(f"{where}: id feature {spec.name!r}: {error}"
+                              f"{_null_row(column, first_row)}") from None
         return hash_buckets(ids, table.num_buckets, seed)
     if isinstance(column, pa.Array | pa.ChunkedArray):
-        bag = bag_from_arrow(column, spec.name)
+        bag = bag_from_arrow(column, spec.name, where=where, first_row=first_row)
     elif isinstance(column, Bag):
         bag = column
     else:
         bag = Bag.from_lists(column)
     if weights is not None:
-        bag = Bag(bag.values, bag.offsets, _bag_weights(bag, weights, spec, where))
+        bag = Bag(bag.values, bag.offsets, _bag_weights(bag, weights, spec, where, first_row))
+    if spec.kind == "id_list" and spec.length is not None:
+        bag = newest(bag, spec.length)
     buckets = hash_buckets(bag.values, table.num_buckets, seed)
     if spec.kind == "sequence":
         return Bag(buckets, bag.offsets)  # order kept; the encoder weighs the ids itself

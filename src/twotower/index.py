@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from twotower.checkpoint import WEIGHTS, atomic_write, fresh_directory, versions
+from twotower.checkpoint import WEIGHTS, atomic_write, fresh_directory, sha256_of, versions
 
 __all__ = ["EXACT_BELOW", "RECALL_K", "ItemIndex", "check_built_from", "choose_factory",
            "index_items", "model_fingerprint", "recall_at_k"]
@@ -48,6 +48,7 @@ META = "index.json"
 EMBEDDINGS = "embeddings.npy"
 POPULARITY = "log_popularity.npy"
 LABELS = "labels.json"
+_FILES = frozenset({KEYS, FAISS, META, EMBEDDINGS, POPULARITY, LABELS})
 
 EXACT_BELOW = 100_000
 RECALL_K = 100
@@ -86,17 +87,34 @@ def _search_ladder(index: object, factory: str) -> tuple[str, list[int]] | None:
     return None
 
 
+def _written_by_us(meta: Path) -> bool:
+    """Whether ``meta`` is an index description that :meth:`ItemIndex.save` wrote."""
+    try:
+        return "twotower" in json.loads(meta.read_text()).get("versions", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _replace_directory(directory: Path, write: Callable[[Path], None]) -> None:
     """Write a fresh sibling directory, then rename it into place.
 
     A reader sees the old directory or the new one, never a mix of their files (between
     the two renames, for an instant, neither: a loader then fails and can retry). An
-    existing directory is only replaced if it is empty or an index directory.
+    existing directory is only replaced if it holds nothing but index files, so nothing
+    twotower did not write is ever deleted.
     """
     directory = Path(directory)
-    if directory.exists() and any(directory.iterdir()) and not (directory / META).exists():
-        raise ValueError(f"{directory} exists and is not an index directory; refusing "
-                         "to replace it (choose another output directory)")
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"index output {directory} is a file, not a directory; choose "
+                         "another output directory")
+    present = sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+    foreign = [name for name in present if name not in _FILES]
+    if foreign or (present and not _written_by_us(directory / META)):
+        what = f"files an index does not ({', '.join(foreign[:5])})" if foreign else \
+            f"a {META} that twotower did not write"
+        raise ValueError(f"index output {directory} is not an index directory: it holds "
+                         f"{what}; refusing to replace it (choose another output directory, "
+                         "or an empty one)")
     directory.parent.mkdir(parents=True, exist_ok=True)
     fresh = fresh_directory(directory.parent, f".{directory.name}.new.")
     old = None
@@ -129,7 +147,7 @@ class ItemIndex:
     def __init__(self, index: object, keys: np.ndarray, factory: str,
                  embeddings: np.ndarray | None = None,
                  log_popularity: np.ndarray | None = None,
-                 labels: list[str] | None = None, meta: dict | None = None) -> None:
+                 labels: list[str | int] | None = None, meta: dict | None = None) -> None:
         self.index = index
         self.keys = np.asarray(keys, dtype=np.int64)
         self.factory = factory
@@ -150,7 +168,8 @@ class ItemIndex:
 
     @classmethod
     def build(cls, embeddings: np.ndarray, keys: np.ndarray, factory: str = "auto", *,
-              log_popularity: np.ndarray | None = None, labels: Sequence[str] | None = None,
+              log_popularity: np.ndarray | None = None,
+              labels: Sequence[str | int] | None = None,
               search_params: dict[str, int] | None = None, exact_below: int = EXACT_BELOW,
               target_recall: float = 0.95, recall_queries: np.ndarray | None = None,
               num_recall_queries: int = 1000, recall_penalties: Sequence[float] = (0.0,),
@@ -161,8 +180,10 @@ class ItemIndex:
             factory: a faiss factory string, or ``"auto"`` (see :func:`choose_factory`).
             log_popularity: ``[num_items]`` log p_hat, folded in as one extra column so
                 searches can take a popularity penalty.
-            labels: the items' original keys when they are strings (``keys`` then holds
-                their 64-bit hashes); returned instead of ``keys`` by the recommender.
+            labels: the items' original keys when ``keys`` cannot show them: strings
+                (``keys`` then holds their 64-bit hashes) or unsigned integers from 2**63
+                (``keys`` holds the same 64 bits as negative ``int64``); returned instead
+                of ``keys`` by the recommender.
             search_params: fixes e.g. ``{"efSearch": 256}`` instead of tuning it.
             recall_queries: ``[num_queries, dim]`` queries for the recall check; default: a
                 sample of the item embeddings themselves.
@@ -304,6 +325,9 @@ class ItemIndex:
             if self.labels is not None:
                 atomic_write(target / LABELS, lambda p: p.write_text(json.dumps(self.labels)))
             atomic_write(target / FAISS, lambda p: faiss.write_index(self.index, str(p)))
+            # Written last, with the size and sha256 of every other file: load checks them.
+            meta["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_of(p)}
+                             for p in sorted(target.iterdir())}
             atomic_write(target / META, lambda p: p.write_text(json.dumps(meta, indent=2)))
 
         _replace_directory(directory, write)
@@ -312,7 +336,11 @@ class ItemIndex:
 
     @classmethod
     def load(cls, directory: str | Path) -> ItemIndex:
-        """Read an index directory written by :meth:`save` (embeddings are memory-mapped)."""
+        """Read an index directory written by :meth:`save` (embeddings are memory-mapped).
+
+        Every file is checked against the size and sha256 that ``index.json`` records, so
+        a damaged index is an error naming the file, never served.
+        """
         import faiss
 
         directory = Path(directory)
@@ -320,6 +348,10 @@ class ItemIndex:
             raise FileNotFoundError(f"{directory} is not an index directory (no {META})")
         try:
             meta = json.loads((directory / META).read_text())
+        except (OSError, ValueError) as error:
+            raise ValueError(f"cannot read {directory / META}: {error}") from None
+        files = _verify(directory, meta)
+        try:
             keys = np.load(directory / KEYS, allow_pickle=False)
             index = faiss.read_index(str(directory / FAISS))
         except (OSError, ValueError, RuntimeError) as error:
@@ -329,11 +361,10 @@ class ItemIndex:
                              f"{len(keys)} keys")
 
         def optional(name: str) -> np.ndarray | None:
-            path = directory / name
-            return np.load(path, mmap_mode="r", allow_pickle=False) if path.exists() else None
+            return np.load(directory / name, mmap_mode="r", allow_pickle=False) \
+                if name in files else None
 
-        labels = json.loads((directory / LABELS).read_text()) \
-            if (directory / LABELS).exists() else None
+        labels = json.loads((directory / LABELS).read_text()) if LABELS in files else None
         loaded = cls(index, keys, meta["factory"], optional(EMBEDDINGS), optional(POPULARITY),
                      labels, meta)
         if loaded.popularity is not None and index.d != loaded.dim + 1:
@@ -342,6 +373,30 @@ class ItemIndex:
         if meta.get("search_params"):
             loaded.set_search_params(meta["search_params"])
         return loaded
+
+
+def _verify(directory: Path, meta: object) -> set[str]:
+    """The index's files, each checked against its size and sha256 in ``index.json``."""
+    files = meta.get("files") if isinstance(meta, dict) else None
+    if not isinstance(files, dict) or KEYS not in files or FAISS not in files:
+        raise ValueError(f"{directory / META} lists no checksums of the index files (written "
+                         "by an older twotower, or not by twotower); rebuild the index with "
+                         "`twotower index`")
+    for name, expected in files.items():
+        path = directory / name
+        if name not in _FILES or name == META or not isinstance(expected, dict):
+            raise ValueError(f"{directory / META} is damaged: its entry for {name!r} is not "
+                             "one the index writes; rebuild the index with `twotower index`")
+        if not path.is_file():
+            raise ValueError(f"index {directory} is damaged: {name} is missing; rebuild it "
+                             "with `twotower index`")
+        size = path.stat().st_size
+        if size != expected.get("bytes") or sha256_of(path) != expected.get("sha256"):
+            change = f"has {size} bytes, {META} says {expected.get('bytes')}" \
+                if size != expected.get("bytes") else f"does not match its sha256 in {META}"
+            raise ValueError(f"index {directory} is damaged: {name} {change} (changed after "
+                             "it was written); rebuild it with `twotower index`")
+    return set(files)
 
 
 def model_fingerprint(model_dir: str | Path) -> str:
@@ -378,28 +433,36 @@ def index_items(model_dir: str | Path, items: str | Path, factory: str = "auto",
     and recall is also measured at beta = temperature. ``options`` go to
     :meth:`ItemIndex.build`.
     """
+    import pyarrow as pa
+
     from twotower.checkpoint import load_model
-    from twotower.data.interactions import read_table
+    from twotower.data.checks import ids
+    from twotower.data.interactions import lists_from_text, read_table
     from twotower.evaluate import embed
     from twotower.features import EncodedFeatures
-    from twotower.hashing import to_int64_ids
 
     model, estimator, config = load_model(model_dir)
-    table = read_table(items, "items")
+    lists = [f.name for f in model.config.item_features if f.kind == "id_list"]
+    table = lists_from_text(read_table(items, "items"), lists)
     where = f"items {items}"
     columns = config.get("columns") or {}
     key_column = columns.get("item_key") or columns.get("item", "item_id")
     if key_column not in table.column_names:
         raise KeyError(f"{where}: item key column {key_column!r} not found; columns are "
                        f"{table.column_names}")
-    keys = to_int64_ids(table.column(key_column))
+    keys = ids(table, key_column, where)
+    column = table.column(key_column)
     unique, counts = np.unique(keys, return_counts=True)
     if (counts > 1).any():
+        first = np.flatnonzero(np.isin(keys, unique[counts > 1]))
+        shown = list(dict.fromkeys(column.take(first).to_pylist()))[:5]
         raise ValueError(f"{where}: {int((counts > 1).sum())} duplicate item key(s) in column "
-                         f"{key_column!r}, for example {unique[counts > 1][:5].tolist()}")
-    column_type = table.column(key_column).type
-    labels = None if str(column_type).startswith(("int", "uint")) else \
-        [str(v) for v in table.column(key_column).to_pylist()]
+                         f"{key_column!r}, for example {shown}")
+    if pa.types.is_integer(column.type):  # uint64 keys from 2**63 wrap in int64: keep them
+        labels = column.to_pylist() if (keys < 0).any() and pa.types.is_uint64(column.type) \
+            else None
+    else:
+        labels = [str(v) for v in column.to_pylist()]
     specs = model.config.item_features
     names = {f.name for f in specs} | {f.weights for f in specs if f.weights}
     found = {n: table.column(n) for n in table.column_names if n in names}

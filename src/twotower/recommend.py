@@ -25,7 +25,7 @@ from twotower.checkpoint import METRICS, load_model
 from twotower.evaluate import embed
 from twotower.features import LIST_KINDS, Bag, EncodedFeatures, FeatureSpec, bag_from_arrow
 from twotower.hashing import to_int64_ids
-from twotower.index import ItemIndex, check_built_from
+from twotower.index import ItemIndex, check_built_from, index_items
 from twotower.towers import TwoTowerModel
 
 __all__ = ["MAX_POPULARITY_PENALTY", "Query", "QueryError", "Recommendation", "Recommender",
@@ -47,7 +47,8 @@ class QueryError(ValueError):
 
 @dataclass
 class Query:
-    """One checked query: raw ids as ``int64`` (ints kept, strings hashed), dense as floats."""
+    """One checked query: raw ids as ``int64`` (ints kept as their 64 bits, strings hashed),
+    dense as floats."""
 
     features: dict[str, object]
     k: int = 10
@@ -67,6 +68,9 @@ def _ids(values: object, loc: Sequence[str | int]) -> np.ndarray:
     """``int64`` ids of a JSON list of ints and strings (strings hashed as in training)."""
     if not isinstance(values, list):
         raise QueryError("expected a list of ids (integers or strings)", loc)
+    # An unsigned id from 2**63 is read as the same 64 bits in int64, as training reads a
+    # uint64 column: it hashes to the same rows and matches the index's keys.
+    values = [v - 2 ** 64 if type(v) is int and _INT64[1] < v < 2 ** 64 else v for v in values]
     out = np.empty(len(values), np.int64)
     strings = []
     for i, value in enumerate(values):
@@ -176,6 +180,16 @@ class Recommender:
         recommender.warm_up()
         return recommender
 
+    @classmethod
+    def exact(cls, model_dir: str | Path, items: str | Path) -> Recommender:
+        """A model and an exact index of ``items`` built in memory now (for one-off
+        recommendations; a service should load a saved index)."""
+        model, _, config = load_model(model_dir)
+        index = index_items(model_dir, items, "Flat")
+        recommender = cls(model, index, config, model_dir)
+        recommender.warm_up()
+        return recommender
+
     def warm_up(self) -> None:
         """Answer a placeholder query, so a broken model fails here and not on a request."""
         features: dict[str, object] = {}
@@ -257,14 +271,15 @@ class Recommender:
     def recommend(self, columns: Mapping[str, object], k: int | Sequence[int],
                   exclude: Sequence[np.ndarray] | None = None,
                   popularity_penalty: float | np.ndarray = 0.0,
-                  where: str = "queries") -> list[Recommendation]:
+                  where: str = "queries", first_row: int = 0) -> list[Recommendation]:
         """Top-``k`` of each query row of ``columns`` (raw features, Arrow or numpy).
 
         ``exclude`` holds per query the ``int64`` item keys to leave out;
         ``popularity_penalty`` ranks by ``<u, v> - beta * log p_hat`` (one beta, or one
-        per query).
+        per query). Errors name rows counted from ``first_row`` (rows of ``where``).
         """
-        features = EncodedFeatures(self.specs, self.model.config.tables, columns, where)
+        features = EncodedFeatures(self.specs, self.model.config.tables, columns, where,
+                                   first_row)
         n = len(features)
         ks = np.broadcast_to(np.asarray(k, np.int64), (n,))
         if n == 0:
@@ -275,8 +290,9 @@ class Recommender:
         queries = embed(self.model, features, "query").numpy()
         broken = ~np.isfinite(queries).all(axis=1)
         if broken.any():  # e.g. dense values so large that the tower overflows
-            raise QueryError(f"the model gives a non-finite embedding for query "
-                             f"{int(np.argmax(broken))}; check its dense features")
+            raise QueryError(f"{where}: the model gives a non-finite embedding for the query "
+                             f"at row {first_row + int(np.argmax(broken))}; check its dense "
+                             "features")
         scores, rows = self.index.search_rows(queries, int(ks.max()) + extra,
                                               popularity_penalty)
         keys = np.where(rows >= 0, self.index.keys[np.maximum(rows, 0)], -1)
@@ -330,20 +346,26 @@ def _parse_id_token(token: str) -> int | str:
         return token
 
 
-def _list_column(column: pa.ChunkedArray, name: str) -> Bag:
+def _list_column(column: pa.ChunkedArray, name: str, where: str, first_row: int) -> Bag:
     """An id_list column: Arrow lists as they are; text (CSV) as ``"1 2 3"`` or ``"[1, 2]"``."""
     if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-        return bag_from_arrow(column, name)
+        return bag_from_arrow(column, name, where=where, first_row=first_row)
     lists = []
-    for text in column.to_pylist():
+    for row, text in enumerate(column.to_pylist()):
         tokens = (text or "").replace("[", " ").replace("]", " ").replace(",", " ").split()
-        lists.append([_parse_id_token(t.strip("\"'")) for t in tokens])
+        try:
+            lists.append(_ids([_parse_id_token(t.strip("\"'")) for t in tokens], (name,)))
+        except QueryError as error:
+            raise ValueError(f"{where}: column {name!r} at row {first_row + row}: "
+                             f"{error}") from None
     offsets = np.concatenate([[0], np.cumsum([len(x) for x in lists])]).astype(np.int64)
-    return Bag(_ids([v for x in lists for v in x], (name,)), offsets)
+    return Bag(np.concatenate(lists) if lists else np.zeros(0, np.int64), offsets)
 
 
 def read_queries(path: str | Path, batch_size: int = 1024) -> Iterator[pa.Table]:
     """Record batches of a Parquet, CSV or JSON lines file of queries, ``batch_size`` rows each."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"queries file not found: {path}")
@@ -372,17 +394,17 @@ def recommend_file(recommender: Recommender, queries: str | Path, out: IO[str], 
                    popularity_penalty: float = 0.0, batch_size: int = 1024) -> int:
     """Write one JSON line per query of ``queries``: ``{"row", <user>, "items", "scores"}``.
 
-    Returns the number of queries answered.
+    Returns the number of queries answered. An error names the row of ``queries``.
     """
     user = recommender.config.get("columns", {}).get("user")
+    where = f"queries {queries}"
     done = 0
     for table in read_queries(queries, batch_size):
-        where = f"queries {queries} rows {done}-{done + table.num_rows - 1}"
         columns: dict[str, object] = {}
         for spec in recommender.specs:
             if spec.name in table.column_names:
                 column = table.column(spec.name)
-                columns[spec.name] = _list_column(column, spec.name) \
+                columns[spec.name] = _list_column(column, spec.name, where, done) \
                     if spec.kind in LIST_KINDS else column
             if spec.weights and spec.weights in table.column_names:
                 columns[spec.weights] = table.column(spec.weights)
@@ -395,11 +417,11 @@ def recommend_file(recommender: Recommender, queries: str | Path, out: IO[str], 
                 raise KeyError(f"{where}: exclusion column {name!r} not found; columns are "
                                f"{table.column_names}")
             bag = columns[name] if isinstance(columns.get(name), Bag) else \
-                _list_column(table.column(name), name)
+                _list_column(table.column(name), name, where, done)
             lists = np.split(bag.values, bag.offsets[1:-1])
             excluded = lists if excluded is None else \
                 [np.concatenate(pair) for pair in zip(excluded, lists, strict=True)]
-        results = recommender.recommend(columns, k, excluded, popularity_penalty, where)
+        results = recommender.recommend(columns, k, excluded, popularity_penalty, where, done)
         users = table.column(user).to_pylist() if user in table.column_names else None
         for i, result in enumerate(results):
             record = {"row": done + i}

@@ -159,7 +159,9 @@ def test_round_trips_through_json(tmp_path):
     ({"model": {"temperature": 0}}, r"model\.temperature: Input should be greater than 0"),
     ({"split": {"kind": "time"}}, r"split: a time split needs exactly one of cutoff or"),
     ({"split": {"kind": "leave-last-out", "cutoff": 3}}, r"takes no cutoff"),
-    ({"split": {"kind": "random"}}, r"split\.kind: Input should be 'time' or 'leave-last-out'"),
+    ({"split": {"kind": "random"}},
+     r"split\.kind: Input should be 'time', 'leave-last-out' or 'column'"),
+    ({"split": {"kind": "column"}}, r"a column split names its column"),
     ({"cleaning": {"k_core": -1}}, r"cleaning\.k_core: Input should be greater than or equal"),
     ({"missing_items": "ignore"}, r"missing_items: Input should be 'error' or 'drop'"),
     ({"events": {"user": "user_id"}}, r"give events\.path and items\.path"),
@@ -170,6 +172,17 @@ def test_invalid_schema_names_field_and_problem(tmp_path, changes, message):
     with pytest.raises(SchemaError, match=message) as error:
         load_schema(path)
     assert str(path) in str(error.value)
+
+
+def test_a_nul_in_a_path_is_a_schema_error_naming_the_field(tmp_path, capsys):
+    path = write(tmp_path, with_changes(events={**SCHEMA["events"], "path": "ev\0.parquet"}))
+    assert main(["train", "--schema", str(path), "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "events.path: a path cannot contain a NUL character" in err
+    assert main(["train", "--events", "ev\0.parquet", "--items", "items.parquet",
+                 "--out", str(tmp_path / "m")]) == 2
+    assert "events.path: a path cannot contain a NUL character" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
 
 
 def test_several_problems_are_listed_together(tmp_path):

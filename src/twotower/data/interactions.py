@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from twotower.data import checks
@@ -24,8 +25,8 @@ from twotower.data.history import HistoryFeature, causal_history, history_of, la
 from twotower.data.splits import time_split
 from twotower.features import Bag
 
-__all__ = ["HISTORY", "Columns", "Interactions", "item_columns", "load_interactions", "read_table",
-           "unknown_items"]
+__all__ = ["HISTORY", "LIST_SEPARATOR", "Columns", "Interactions", "item_columns",
+           "lists_from_text", "load_interactions", "read_table", "unknown_items"]
 
 HISTORY = "history"
 MISSING_ITEMS: tuple[str, ...] = ("error", "drop")
@@ -126,6 +127,29 @@ def item_columns(columns: Columns, items: pa.Table, keys: np.ndarray) -> dict[st
         if name != columns.key:
             found[name] = items.column(name)
     return found
+
+
+LIST_SEPARATOR = "|"  # how a text (CSV) column spells a list of ids: "a|b|c"
+
+
+def lists_from_text(table: pa.Table, names: Iterable[str]) -> pa.Table:
+    """``table`` with its text columns among ``names`` as lists of ids: CSV has no list
+    type, so ``"a|b|c"`` holds the ids ``a``, ``b`` and ``c`` (an empty cell holds none)."""
+    for name in names:
+        if name not in table.column_names:
+            continue
+        column = table.column(name)
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+            continue
+        lists = pc.split_pattern(pc.fill_null(column, ""), LIST_SEPARATOR).combine_chunks()
+        ids = pc.utf8_trim_whitespace(lists.flatten())
+        keep = pc.not_equal(ids, "")
+        counts = np.bincount(pc.list_parent_indices(lists).filter(keep).to_numpy(),
+                             minlength=len(lists))
+        offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]), pa.int32())
+        table = table.set_column(table.column_names.index(name), name,
+                                 pa.ListArray.from_arrays(offsets, ids.filter(keep)))
+    return table
 
 
 def read_table(path: str | Path, what: str) -> pa.Table:

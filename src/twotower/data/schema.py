@@ -24,7 +24,7 @@ is wrong with it. Relative paths are relative to the schema file. A complete exa
     tables:
       item: {buckets: 262144, dim: 32}      # default: buckets auto, dim from model
     model: {dim: 32, hidden: [256], output_dim: 64, temperature: 0.05}
-    split: {kind: time, test_fraction: 0.1}  # or {kind: leave-last-out}
+    split: {kind: time, test_fraction: 0.1}  # or {kind: leave-last-out}, {kind: column, ...}
 
 A query feature is an events column, or, with ``history``, the given item column over
 the user's newest ``length`` items strictly before the event. Features naming the same
@@ -34,9 +34,9 @@ the user's newest ``length`` items strictly before the event. Features naming th
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from twotower.data.cleaning import Cleaning
 from twotower.data.history import HistoryFeature
@@ -50,6 +50,16 @@ class SchemaError(ValueError):
     """A schema that does not validate; the message lists every problem."""
 
 
+def _no_nul(path: str) -> str:
+    """No file name holds a NUL; caught here, it would be a bare ``ValueError`` later."""
+    if "\0" in path:
+        raise ValueError("a path cannot contain a NUL character")
+    return path
+
+
+PathText = Annotated[str, AfterValidator(_no_nul)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -57,7 +67,7 @@ class _Strict(BaseModel):
 class EventsConfig(_Strict):
     """The events table and the roles of its columns."""
 
-    path: str | None = None
+    path: PathText | None = None
     user: str = "user_id"
     item: str = "item_id"
     time: str = "timestamp"
@@ -67,7 +77,7 @@ class EventsConfig(_Strict):
 class ItemsConfig(_Strict):
     """The items table and its key column."""
 
-    path: str | None = None
+    path: PathText | None = None
     key: str = "item_id"
 
 
@@ -140,19 +150,24 @@ class CleaningConfig(_Strict):
 
 
 class SplitConfig(_Strict):
-    """``time`` (with ``cutoff`` or ``test_fraction``) or ``leave-last-out``."""
+    """``time`` (with ``cutoff`` or ``test_fraction``), ``leave-last-out``, or ``column``
+    (an events column of ``train`` / ``valid`` / ``test``)."""
 
-    kind: Literal["time", "leave-last-out"]
+    kind: Literal["time", "leave-last-out", "column"]
     cutoff: int | None = None
     test_fraction: float | None = Field(default=None, gt=0, lt=1)
+    column: str | None = Field(default=None, min_length=1)
 
     @model_validator(mode="after")
     def _parameters(self) -> SplitConfig:
         given = (self.cutoff is not None) + (self.test_fraction is not None)
         if self.kind == "time" and given != 1:
             raise ValueError("a time split needs exactly one of cutoff or test_fraction")
-        if self.kind == "leave-last-out" and given:
-            raise ValueError("a leave-last-out split takes no cutoff or test_fraction")
+        if self.kind != "time" and given:
+            raise ValueError(f"a {self.kind} split takes no cutoff or test_fraction")
+        if (self.kind == "column") != (self.column is not None):
+            raise ValueError("a column split names its column (`column: NAME`), and only it "
+                             "does")
         return self
 
 
@@ -161,7 +176,7 @@ class Schema(_Strict):
 
     events: EventsConfig = Field(default_factory=EventsConfig)
     items: ItemsConfig = Field(default_factory=ItemsConfig)
-    movielens: str | None = None
+    movielens: PathText | None = None
     missing_items: Literal["error", "drop"] = "drop"
     cleaning: CleaningConfig = Field(default_factory=CleaningConfig)
     query_features: list[FeatureConfig] = Field(min_length=1)
@@ -211,11 +226,11 @@ class Schema(_Strict):
         item = [{"name": columns.key, "kind": "id", "table": "item"}]
         item += [{"name": name, "kind": "id"} for name in columns.item_features]
         return parse_schema({
-            "events": {"path": str(Path(events).resolve()), "user": columns.user,
-                       "item": columns.item, "time": columns.timestamp,
-                       "reward": columns.reward},
-            "items": {"path": str(Path(items).resolve()), "key": columns.key},
-            "missing_items": missing_items, "query_features": query, "item_features": item})
+            "events": {"path": str(events), "user": columns.user, "item": columns.item,
+                       "time": columns.timestamp, "reward": columns.reward},
+            "items": {"path": str(items), "key": columns.key},
+            "missing_items": missing_items, "query_features": query, "item_features": item},
+            "--events/--items").with_base(Path())
 
     def columns(self) -> Columns:
         """The column roles, for :func:`~twotower.data.interactions.load_interactions`."""
@@ -231,12 +246,14 @@ class Schema(_Strict):
                 if f.history is not None]
 
     def context(self) -> list[str]:
-        """Event columns the query features read, besides the user column."""
+        """Event columns the query features (and a column split) read, besides the user."""
         names = []
         for f in self.query_features:
             if f.history is None and f.name != self.events.user:
                 names += [f.name] + ([f.weights] if f.weights else [])
-        return names
+        if self.split is not None and self.split.column is not None:
+            names.append(self.split.column)
+        return list(dict.fromkeys(names))
 
     def cleaning_steps(self) -> Cleaning:
         return Cleaning(**self.cleaning.model_dump())

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 from twotower.data import checks
-from twotower.data.interactions import Interactions, load_interactions
+from twotower.data.interactions import Interactions, lists_from_text, load_interactions
 from twotower.data.schema import FeatureConfig, Schema
 
 __all__ = ["check_features", "event_columns", "events_dataset", "load", "read_items",
@@ -101,7 +101,9 @@ def check_features(schema: Schema, events: pa.Schema, items: pa.Schema, where_ev
 
 def read_items(schema: Schema) -> tuple[pa.Table, str]:
     """The whole items table of a file-based schema and how messages name it."""
-    return _dataset(schema.items.path, "items").to_table(), f"items {schema.items.path}"
+    items = _dataset(schema.items.path, "items").to_table()
+    lists = [f.name for f in schema.item_features if f.kind == "id_list"]
+    return lists_from_text(items, lists), f"items {schema.items.path}"
 
 
 def read_tables(schema: Schema) -> tuple[pa.Table, pa.Table, str, str]:

@@ -8,6 +8,8 @@ function of the data: the same log always splits the same way.
   it test (the streaming setting of the paper: train on days 1..D, test on D+1).
 - :func:`leave_last_out`: per user, the last event tests and the second-to-last
   validates; users with fewer than three events train only.
+- :func:`column_split`: the log says itself: a column of ``train``, ``valid`` and
+  ``test`` (a split made elsewhere, for example by a benchmark's protocol).
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["SPLITS", "Split", "cutoff_for_fraction", "leave_last_out", "split_log", "time_split"]
+__all__ = ["PARTS", "SPLITS", "Split", "column_split", "cutoff_for_fraction", "leave_last_out",
+           "split_log", "time_split"]
 
-SPLITS: tuple[str, ...] = ("time", "leave-last-out")
+SPLITS: tuple[str, ...] = ("time", "leave-last-out", "column")
+PARTS: tuple[str, ...] = ("train", "valid", "test")
 
 
 @dataclass(frozen=True)
@@ -86,12 +90,30 @@ def leave_last_out(users: np.ndarray) -> Split:
                  {"users_train_only": int((~eligible).sum()) if n else 0})
 
 
+def column_split(parts: np.ndarray, column: str) -> Split:
+    """Each event in the part its ``column`` value names: ``train``, ``valid`` or ``test``."""
+    parts = np.asarray(parts).astype(str)
+    unknown = sorted(set(np.unique(parts)) - set(PARTS))
+    if unknown:
+        row = int(np.flatnonzero(~np.isin(parts, PARTS))[0])
+        raise ValueError(f"split column {column!r} holds {unknown[:5]} (first at row {row} in "
+                         f"time order); its values must be one of {PARTS}")
+    train, valid, test = (np.flatnonzero(parts == name) for name in PARTS)
+    return Split("column", train, valid, test, {"column": column})
+
+
 def split_log(kind: str, users: np.ndarray, timestamps: np.ndarray, cutoff: int | None = None,
-              test_fraction: float | None = None) -> Split:
+              test_fraction: float | None = None, column: str | None = None,
+              parts: np.ndarray | None = None) -> Split:
     """The split ``kind`` of a time-ordered log: ``"time"`` at ``cutoff`` (or at the cut-off
-    of ``test_fraction``), or ``"leave-last-out"``."""
+    of ``test_fraction``), ``"leave-last-out"``, or ``"column"`` by the events' ``parts``
+    (the values of the split column ``column``)."""
     if kind == "leave-last-out":
         return leave_last_out(users)
+    if kind == "column":
+        if column is None or parts is None:
+            raise ValueError("a column split needs the split column and its values")
+        return column_split(parts, column)
     if kind != "time":
         raise ValueError(f"split must be one of {SPLITS}, got {kind!r}")
     if cutoff is None:

@@ -1,0 +1,191 @@
+"""twotower under the next-item protocol, driven as a user drives it: its command line.
+
+The same command line as the peers' runners (``runner_lib.py``):
+
+    python run_twotower.py --split-dir SPLIT --phase valid|test --settings '{"lr": 0.01}' \
+        --seed 0 --out DIR [--max-epochs 30 --patience 2]
+
+What it does, as a user with this split would:
+
+1. writes the phase's events as Parquet with a ``part`` column (``train`` for the events
+   to fit; in ``valid`` the validation targets as ``valid``) and the items table (a
+   ``a|b|c`` feature column becomes a list column);
+2. writes a schema from the items' header alone (no per-data-set constant): the query
+   is the user's item history (and, when items have a feature column, that column over
+   the history); the item is its id (and its feature); ``split: {kind: column}``;
+3. ``twotower train``: in ``valid`` it validates every epoch on the validation events,
+   keeps the best epoch and stops after ``--patience`` epochs without a gain; in
+   ``test`` it trains ``settings["epochs"]`` epochs on train + valid;
+4. ``twotower index`` (exact) and ``twotower recommend`` for the phase's target users
+   with every item they have seen excluded, and converts the answer to the protocol's
+   predictions file.
+
+Writes ``DIR/predictions.jsonl`` and ``DIR/run.json`` (training seconds, examples per
+second, best epoch, the validation curve). Needs ``twotower`` on ``PATH`` (the
+repository's own virtual environment).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+TOP_K = 100
+# Settings a grid may set: the name in the settings object -> the `twotower train` flag.
+FLAGS = {"lr": "--lr", "temperature": "--temperature", "batch_size": "--batch-size",
+         "correction": "--correction", "mixed_negatives": "--mixed-negatives",
+         "order": "--order"}
+# Settings that go into the schema's `model` section.
+MODEL = ("dim", "hidden", "output_dim", "dropout")
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def phase_events(split_dir: Path, phase: str) -> tuple[list[tuple], list[dict]]:
+    """``(events, targets)``: the events twotower sees, as ``(user, item, time, part)``, and
+    the target rows of the phase (only their users are read)."""
+    train = [(r["user_id"], r["item_id"], int(float(r["timestamp"])), "train")
+             for r in read_csv(split_dir / "train.csv")]
+    valid = [(r["user_id"], r["item_id"], int(float(r["timestamp"])))
+             for r in read_csv(split_dir / "valid.csv")]
+    if phase == "valid":
+        events = train + [(*v, "valid") for v in valid]
+    else:
+        events = train + [(*v, "train") for v in valid]
+    # Per user in time order, ties by item id, as the protocol orders them.
+    events.sort(key=lambda e: (e[2], e[0], e[1]))
+    return events, read_csv(split_dir / f"{phase}.csv")
+
+
+def write_items(items_csv: Path, catalogue: list[str], out: Path) -> str | None:
+    """The items table as Parquet (every catalogue item); returns its feature column, if
+    any (``a|b|c`` values become a list column)."""
+    rows = {r["item_id"]: r for r in read_csv(items_csv)} if items_csv.exists() else {}
+    header = list(next(iter(rows.values())).keys()) if rows else ["item_id"]
+    feature = header[1] if len(header) > 1 else None
+    columns = {"item_id": catalogue}
+    if feature is not None:
+        values = [rows.get(item, {}).get(feature, "") for item in catalogue]
+        columns[feature] = [v.split("|") if v else [] for v in values]
+    pq.write_table(pa.table(columns), out)
+    return feature
+
+
+def schema(feature: str | None, settings: dict, phase: str) -> dict:
+    history = {"name": "history", "kind": settings.get("history_kind", "id_list"),
+               "history": "item_id", "length": int(settings.get("history", 50)),
+               "table": "item"}
+    query, item = [history], [{"name": "item_id", "kind": "id", "table": "item"}]
+    if feature is not None:
+        query.append({"name": f"history_{feature}", "kind": "id_list", "history": feature,
+                      "length": int(settings.get("history", 50)), "table": feature})
+        item.append({"name": feature, "kind": "id_list", "table": feature})
+    return {"events": {"path": "events.parquet", "user": "user_id", "item": "item_id",
+                       "time": "timestamp"},
+            "items": {"path": "items.parquet", "key": "item_id"},
+            "missing_items": "error", "query_features": query, "item_features": item,
+            "model": {k: settings[k] for k in MODEL if k in settings},
+            **({"split": {"kind": "column", "column": "part"}} if phase == "valid" else {})}
+
+
+def queries(events: list[tuple], users: list[str], feature_of: dict[str, list[str]] | None,
+            path: Path) -> None:
+    """One query per target user: the history features and every item the user has seen."""
+    seen: dict[str, list[str]] = {}
+    for user, item, _, part in events:
+        if part == "train":
+            seen.setdefault(user, []).append(item)
+    with open(path, "w") as f:
+        for user in users:
+            history = seen.get(user, [])
+            query = {"user_id": user, "history": history, "exclude": history}
+            if feature_of is not None:
+                name, values = feature_of["name"], feature_of["values"]
+                query[f"history_{name}"] = [v for item in history for v in values[item]]
+            f.write(json.dumps(query) + "\n")
+
+
+def twotower(*args: str) -> None:
+    subprocess.run(["twotower", *args], check=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--split-dir", type=Path, required=True)
+    ap.add_argument("--phase", choices=["valid", "test"], required=True)
+    ap.add_argument("--settings", type=json.loads, default={}, help="JSON object")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--protocol-dir", type=Path,
+                    default=Path(__file__).resolve().parents[3] / "shared" / "protocol")
+    ap.add_argument("--max-epochs", type=int, default=30)
+    ap.add_argument("--eval-every", type=int, default=1, help="twotower validates every epoch")
+    ap.add_argument("--patience", type=int, default=2, help="epochs without a gain")
+    args = ap.parse_args()
+    out, settings = args.out, args.settings
+    out.mkdir(parents=True, exist_ok=True)
+    events, targets = phase_events(args.split_dir, args.phase)
+    catalogue = [r["item_id"] for r in read_csv(args.split_dir / "catalogue.csv")]
+    feature = write_items(args.split_dir.parent / "items.csv", catalogue, out / "items.parquet")
+    user, item, timestamp, part = zip(*events, strict=True)
+    pq.write_table(pa.table({"user_id": list(user), "item_id": list(item),
+                             "timestamp": list(timestamp), "part": list(part)}),
+                   out / "events.parquet")
+    (out / "schema.json").write_text(json.dumps(schema(feature, settings, args.phase)))
+
+    epochs = args.max_epochs if args.phase == "valid" else int(settings["epochs"])
+    flags = [f"{flag}={settings[name]}" for name, flag in FLAGS.items() if name in settings]
+    model = out / "model"
+    start = time.perf_counter()
+    shutil.rmtree(model, ignore_errors=True)  # a fresh model every run
+    twotower("train", "--schema", str(out / "schema.json"), "--out", str(model),
+             "--epochs", str(epochs), "--patience", str(args.patience), "--seed", str(args.seed),
+             "--quiet", *flags)
+    seconds = time.perf_counter() - start
+
+    feature_of = None
+    if feature is not None:
+        table = pq.read_table(out / "items.parquet").to_pydict()
+        feature_of = {"name": feature,
+                      "values": dict(zip(table["item_id"], table[feature], strict=True))}
+    users = sorted({r["user_id"] for r in targets})
+    queries(events, users, feature_of, out / "queries.jsonl")
+    twotower("index", str(model), "--items", str(out / "items.parquet"), "--factory", "Flat",
+             "--out", str(out / "index"), "--no-popularity")
+    answers = out / "answers.jsonl"
+    twotower("recommend", str(model), "--index", str(out / "index"), "--queries",
+             str(out / "queries.jsonl"), "-k", str(TOP_K), "--exclude-column", "exclude",
+             "--out", str(answers))
+    with open(answers) as f, open(out / "predictions.jsonl", "w") as preds:
+        for line in f:
+            answer = json.loads(line)
+            preds.write(json.dumps({"user_id": str(answer["user_id"]),
+                                    "items": [str(i) for i in answer["items"]]}) + "\n")
+
+    records = [json.loads(line) for line in open(model / "metrics.jsonl")]
+    curve = [{"epoch": r["epoch"], "recall@50": r["recall@50"]} for r in records
+             if r.get("event") == "validation"]
+    summary = [r for r in records if r.get("event") == "input"][-1]
+    report = {"train_seconds": seconds, "examples": summary["examples"],
+              "examples_per_second": summary["examples"] / seconds,
+              "epochs_trained": max((c["epoch"] for c in curve), default=epochs),
+              "best_epoch": summary.get("best_epoch", epochs), "curve": curve}
+    (out / "run.json").write_text(json.dumps(report, indent=1) + "\n")
+    os.remove(out / "events.parquet")  # large, and rebuilt from the split on every run
+
+
+if __name__ == "__main__":
+    sys.exit(main())

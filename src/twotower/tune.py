@@ -1,0 +1,104 @@
+"""``twotower tune``: a small grid of settings, each trained with early stopping on the
+validation events, so a user's first model on a new log is already a good one.
+
+Every setting is a full training run on the split's training events, scored on its
+validation events after every epoch (:mod:`twotower.validation`); the table ranks the
+settings by their best validation score, and the best run's model directory is kept
+under ``best``. Nothing is ever chosen on test events.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from twotower.data.schema import Schema
+from twotower.data.splits import Split
+from twotower.experiment import fit, memory_ids, prepare, schema_model_config
+from twotower.train import TrainConfig
+
+__all__ = ["GRID_KEYS", "format_tuning", "parse_grid", "tune"]
+
+# What a grid may vary: settings of training, or of the model in the schema.
+TRAIN_KEYS = {"lr": ("learning_rate", float), "batch_size": ("batch_size", int),
+              "mixed_negatives": ("mixed_negatives", int), "correction": ("correction", str)}
+MODEL_KEYS = {"temperature": float, "dropout": float, "dim": int, "output_dim": int}
+GRID_KEYS: tuple[str, ...] = (*TRAIN_KEYS, *MODEL_KEYS)
+
+
+def parse_grid(items: Sequence[str]) -> dict[str, list]:
+    """``["lr=0.005,0.02", "temperature=0.05,0.1"]`` -> ``{"lr": [0.005, 0.02], ...}``."""
+    grid: dict[str, list] = {}
+    for item in items:
+        name, _, values = item.partition("=")
+        if name not in GRID_KEYS or not values:
+            raise ValueError(f"grid entry {item!r}: write NAME=V1,V2,... with NAME one of "
+                             f"{GRID_KEYS}")
+        kind = TRAIN_KEYS[name][1] if name in TRAIN_KEYS else MODEL_KEYS[name]
+        try:
+            grid[name] = [kind(v) for v in values.split(",")]
+        except ValueError:
+            raise ValueError(f"grid entry {item!r}: {name} takes {kind.__name__} values") \
+                from None
+    return grid
+
+
+def _settings(schema: Schema, train: TrainConfig,
+              setting: Mapping[str, object]) -> tuple[Schema, TrainConfig]:
+    model = {k: v for k, v in setting.items() if k in MODEL_KEYS}
+    schema = schema.model_copy(update={"model": schema.model.model_copy(update=model)})
+    changes = {TRAIN_KEYS[k][0]: v for k, v in setting.items() if k in TRAIN_KEYS}
+    return schema, replace(train, **changes)
+
+
+def tune(schema: Schema, interactions, split: Split, grid: Mapping[str, Sequence],
+         train: TrainConfig, out: str | Path, progress: bool = False,
+         extra: Mapping | None = None) -> list[dict]:
+    """Train every combination of ``grid`` with early stopping on ``split.valid``; returns
+    one row per setting (its values, best epoch and validation metrics), best first, and
+    copies the best run's model to ``out/best``."""
+    if len(split.valid) == 0:
+        raise ValueError("tuning chooses on validation events, and this split has none: use "
+                         "split {kind: leave-last-out} or {kind: column, column: NAME} with "
+                         "`valid` rows")
+    out = Path(out)
+    ids = memory_ids(interactions)
+    rows = []
+    names = list(grid)
+    for number, values in enumerate(itertools.product(*(grid[n] for n in names))):
+        setting = dict(zip(names, values, strict=True))
+        run_schema, config = _settings(schema, train, setting)
+        prepared = prepare(interactions, schema_model_config(run_schema, ids))
+        run_dir = out / f"run-{number}"
+        fit(prepared, split.train, config, run_dir, progress,
+            {**(extra or {}), "schema": run_schema.model_dump(mode="json"),
+             "split": split.summary()}, valid_rows=split.valid)
+        records = [json.loads(line)
+                   for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        summary = [r for r in records if r.get("event") == "input"][-1]
+        best = [r for r in records if r.get("event") == "validation"
+                and r["epoch"] == summary["best_epoch"]][-1]
+        rows.append({"run": run_dir.name, **setting, "best_epoch": summary["best_epoch"],
+                     **{k: v for k, v in best.items() if "@" in k}})
+    rows.sort(key=lambda r: -r["recall@50"])
+    best_dir = out / "best"
+    shutil.rmtree(best_dir, ignore_errors=True)
+    shutil.copytree(out / rows[0]["run"], best_dir)
+    (out / "tuning.json").write_text(json.dumps(rows, indent=1) + "\n")
+    return rows
+
+
+def format_tuning(rows: Sequence[Mapping]) -> str:
+    """The table ``twotower tune`` prints, best first."""
+    columns = [c for c in rows[0] if c != "run"]
+    cells = [[str(r["run"])] + [f"{r[c]:.4f}" if isinstance(r[c], float) and "@" in c
+                                 else str(r[c]) for c in columns] for r in rows]
+    header = ["run", *columns]
+    widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(header)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)
