@@ -175,7 +175,8 @@ def main() -> None:
             preds.write(json.dumps({"user_id": str(answer["user_id"]),
                                     "items": [str(i) for i in answer["items"]]}) + "\n")
 
-    records = [json.loads(line) for line in open(model / "metrics.jsonl")]
+    records = [json.loads(line)
+               for line in (model / "metrics.jsonl").read_text().splitlines()]
     curve = [{"epoch": r["epoch"], "recall@50": r["recall@50"]} for r in records
              if r.get("event") == "validation"]
     summary = [r for r in records if r.get("event") == "input"][-1]
