@@ -251,7 +251,7 @@ def test_a_checkpoint_without_the_positions_order_takes_the_runs(prepared, tmp_p
     """Checkpoints written before Position recorded its order: the run's order it was."""
     import json
 
-    from twotower.checkpoint import CHECKPOINTS, LATEST, MANIFEST, STATE, _sha256
+    from twotower.checkpoint import CHECKPOINTS, LATEST, MANIFEST, STATE, sha256_of
 
     rows = np.arange(len(prepared.interactions))
     stopped = new_trainer(prepared, tmp_path, shuffle=True, epochs=2)
@@ -266,7 +266,7 @@ def test_a_checkpoint_without_the_positions_order_takes_the_runs(prepared, tmp_p
     (where / STATE).write_text(json.dumps(state))
     manifest = json.loads((where / MANIFEST).read_text())
     manifest["files"][STATE] = {"bytes": (where / STATE).stat().st_size,
-                                "sha256": _sha256(where / STATE)}
+                                "sha256": sha256_of(where / STATE)}
     (where / MANIFEST).write_text(json.dumps(manifest))
     resumed = Trainer.resume(tmp_path, device="cpu", progress=False)
     assert resumed.position.shuffled and resumed.position.batch == 3
