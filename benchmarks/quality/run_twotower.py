@@ -21,8 +21,8 @@ What it does, as a user with this split would:
    predictions file.
 
 Writes ``DIR/predictions.jsonl`` and ``DIR/run.json`` (training seconds, examples per
-second, best epoch, the validation curve). Needs ``twotower`` on ``PATH`` (the
-repository's own virtual environment).
+second, best epoch, the validation curve). Run it with the Python of the repository's
+own virtual environment (where ``twotower`` is installed).
 """
 
 from __future__ import annotations
@@ -119,7 +119,8 @@ def queries(events: list[tuple], users: list[str], feature_of: dict[str, list[st
 
 
 def twotower(*args: str) -> None:
-    subprocess.run(["twotower", *args], check=True)
+    """Run a ``twotower`` command with this Python (the repository's environment)."""
+    subprocess.run([sys.executable, "-m", "twotower", *args], check=True)
 
 
 def main() -> None:

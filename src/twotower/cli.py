@@ -170,7 +170,26 @@ def _train_new(args: argparse.Namespace) -> int:
     if World.current().main:
         print(json.dumps({"model": str(args.out), "trained_on": trained, "data": report,
                           "split": split}, indent=2))
+        warning = _barely_trained(Path(args.out))
+        if warning:
+            print(f"twotower train: warning: {warning}", file=sys.stderr)
     return 0
+
+
+def _barely_trained(model_dir: Path, still: float = 0.97) -> str | None:
+    """A warning when the training loss ended within ``still`` of where it started: a
+    model that has barely moved from its random start should not pass unnoticed."""
+    from twotower.checkpoint import METRICS
+
+    records = [json.loads(line) for line in (model_dir / METRICS).read_text().splitlines()
+               if line.strip()]
+    inputs = [r for r in records if r.get("event") == "input" and r.get("loss_end")]
+    if not inputs or inputs[-1]["loss_end"] < still * inputs[-1]["loss_start"]:
+        return None
+    start, end = inputs[-1]["loss_start"], inputs[-1]["loss_end"]
+    return (f"the training loss barely moved ({start:.3f} over the first steps, {end:.3f} "
+            "over the last): the model is barely trained; train more epochs (--epochs), or give "
+            "the split validation events to stop at the best epoch")
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -346,6 +346,9 @@ class Trainer:
         summary = {"event": "input", "input": name, "step": self.step, "steps": len(losses),
                    "examples": examples,
                    "loss": float(np.mean(losses)) if losses else float("nan"),
+                   # the first and last steps' mean loss: did training move the model?
+                   "loss_start": float(np.mean(losses[:config.log_every])) if losses else None,
+                   "loss_end": float(np.mean(losses[-config.log_every:])) if losses else None,
                    "seconds": round(time.perf_counter() - started, 3), "stopped": stopped}
         if validation is not None and not stopped:
             summary.update(self._keep_best())
