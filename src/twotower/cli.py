@@ -227,6 +227,8 @@ def _train_rows(args: argparse.Namespace, schema, interactions):
 
 def _resume(args: argparse.Namespace) -> int:
     """Continue a model on new events: test on them first (held out), then train."""
+    from dataclasses import replace
+
     import numpy as np
 
     from twotower.distributed import World
@@ -244,9 +246,15 @@ def _resume(args: argparse.Namespace) -> int:
     interactions = _load(schema)
     rows, split = _train_rows(args, schema, interactions)
     prepared = prepare(interactions, trainer.model.config)
+    name = input_name(prepared.training_data(rows))
+    # Time order on new events unless --order says otherwise; a run stopped mid-epoch on
+    # these events goes on in the order it was in.
+    position = trainer.position
+    midway = position.input == name and name not in trainer.inputs_done and position.batch > 0
+    shuffle = args.order == "shuffled" if args.order else midway and position.shuffled
+    trainer.config = replace(trainer.config, shuffle=shuffle)
     with stop_on_signals(trainer):
-        summary = train_day(trainer, prepared, np.zeros(0, dtype=np.int64), rows,
-                            input_name(prepared.training_data(rows)))
+        summary = train_day(trainer, prepared, np.zeros(0, dtype=np.int64), rows, name)
     trainer.save()
     if summary["stopped"]:
         raise TrainingStopped(f"stopped at step {trainer.step}; run the same command again to "
@@ -277,14 +285,16 @@ def _follow(args: argparse.Namespace) -> int:
     options = {"device": args.device, "checkpoint_every": args.checkpoint_every,
                "progress": not args.quiet}
     if checkpoint_dirs(out):  # a follow restarted: go on where it stopped
-        trainer = Trainer.resume(out, epochs=args.epochs, **options)
+        trainer = Trainer.resume(out, epochs=args.epochs, shuffle=args.order == "shuffled",
+                                 **options)
         columns = Columns(**{**trainer.extra["columns"],
                              "item_features": tuple(trainer.extra["columns"]["item_features"])})
     else:
         columns = _schema(args).columns() if args.schema else _flag_columns(args)
         torch.manual_seed(args.seed)
         config = TrainConfig(batch_size=args.batch_size, epochs=args.epochs,
-                             learning_rate=args.lr, correction=args.correction, seed=args.seed)
+                             learning_rate=args.lr, correction=args.correction, seed=args.seed,
+                             shuffle=args.order == "shuffled")
         trainer = Trainer(TwoTowerModel(default_model_config(columns)), config, out_dir=out,
                           extra={"columns": asdict(columns)}, **options)
     log = GrowingLog(args.items, columns, trainer.model.config,
@@ -522,7 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--order", choices=["shuffled", "time"],
                    help="batches drawn in a new random order every epoch (default for a new "
                    "model) or in time order, one pass as the paper trains (default for "
-                   "--resume and --follow)")
+                   "--resume and --follow; a run stopped mid-epoch goes on in its order)")
     p.add_argument("--mixed-negatives", type=int, default=0, metavar="N",
                    help="add N items drawn uniformly from the whole corpus to every batch's "
                    "candidates, each corrected by its own sampling probability")
