@@ -96,3 +96,16 @@ def test_train_then_resume_on_the_next_day(quickstart: Path, tmp_path: Path,
     records = [json.loads(x) for x in (model / "metrics.jsonl").read_text().splitlines()]
     assert len(records) > lines_before
     assert any(r.get("event") == "eval" for r in records[lines_before:])
+
+
+def test_a_barely_trained_model_is_warned_about(quickstart: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    """A loss that ends where it started (a learning rate far too small) gets a warning that
+    says what to do; a model that learned does not."""
+    data = quickstart / "data"
+    common = ["train", "--events", str(data / "events.parquet"), "--items",
+              str(data / "items.parquet"), "--quiet"]
+    assert main([*common, "--out", str(tmp_path / "still"), "--lr", "1e-7"]) == 0
+    assert "the training loss barely moved" in capsys.readouterr().err
+    assert main([*common, "--out", str(tmp_path / "moved"), "--epochs", "3"]) == 0
+    assert "barely moved" not in capsys.readouterr().err

@@ -119,3 +119,81 @@ def test_no_features(side):
 def test_temperature_must_be_positive(temperature):
     with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
         make_config(temperature=temperature)
+
+
+# --- dropout ------------------------------------------------------------------------------
+
+def sequence_features() -> dict:
+    """``make_config`` with the history read as a sequence (dropout inside the encoder)."""
+    return {"query_features": [FeatureSpec("user_id", "id", table="user"),
+                               FeatureSpec("history", "sequence", table="item", length=3),
+                               FeatureSpec("age", "dense")]}
+
+
+@pytest.mark.parametrize("features", [{}, sequence_features()])
+def test_eval_outputs_are_deterministic_with_dropout(features):
+    torch.manual_seed(0)
+    model = TwoTowerModel(make_config(dropout=0.5, **features)).eval()
+    queries, items = batches(model.config)
+    with torch.no_grad():
+        assert torch.equal(model.query(queries), model.query(queries))
+        assert torch.equal(model.item(items), model.item(items))
+
+
+@pytest.mark.parametrize("features", [{}, sequence_features()])
+def test_train_outputs_differ_with_dropout_and_not_without(features):
+    torch.manual_seed(0)
+    model = TwoTowerModel(make_config(dropout=0.5, **features)).train()
+    queries, items = batches(model.config, n=8)
+    with torch.no_grad():
+        assert not torch.equal(model.query(queries), model.query(queries))
+        assert not torch.equal(model.item(items), model.item(items))
+        assert not torch.equal(model.query(queries), model.eval().query(queries))
+
+    torch.manual_seed(0)
+    plain = TwoTowerModel(make_config(dropout=0.0, **features)).train()
+    with torch.no_grad():
+        train_out = plain.query(queries)
+        assert torch.equal(train_out, plain.query(queries))
+        assert torch.equal(train_out, plain.eval().query(queries))
+
+
+@pytest.mark.parametrize("dropout", [-0.1, 1.0, 1.5, float("nan")])
+def test_dropout_outside_zero_to_one_is_an_error_naming_it(dropout):
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\), got"):
+        make_config(dropout=dropout)
+
+
+def test_config_without_dropout_or_length_still_loads(tmp_path):
+    from twotower.checkpoint import CONFIG, load_model, save_model
+
+    torch.manual_seed(0)
+    model = TwoTowerModel(make_config())
+    save_model(tmp_path, model, None)
+    stored = json.loads((tmp_path / CONFIG).read_text())
+    del stored["model"]["dropout"]  # written before dropout and sequences existed
+    for feature in stored["model"]["query_features"] + stored["model"]["item_features"]:
+        del feature["length"]
+    (tmp_path / CONFIG).write_text(json.dumps(stored))
+    loaded, _, _ = load_model(tmp_path)
+    assert loaded.config == model.config and loaded.config.dropout == 0.0
+    queries, _ = batches(model.config)
+    with torch.no_grad():
+        assert torch.equal(loaded.query(queries), model.eval().query(queries))
+
+
+def test_schema_dropout_reaches_the_model_and_is_checked():
+    from twotower.data.schema import parse_schema
+    from twotower.experiment import schema_model_config
+
+    schema = {"events": {"path": "events.parquet"}, "items": {"path": "items.parquet"},
+              "query_features": [{"name": "user_id", "kind": "id"}],
+              "item_features": [{"name": "item_id", "kind": "id"}]}
+    parsed = parse_schema({**schema, "model": {"dropout": 0.25}}, "schema.yaml")
+    distinct = {"user_id": np.arange(5), "item_id": np.arange(7)}
+    config = schema_model_config(parsed, lambda where, name: distinct[name])
+    assert config.dropout == 0.25
+    assert parse_schema(schema, "schema.yaml").model.dropout == 0.0
+    for bad in (1.0, -0.5):
+        with pytest.raises(ValueError, match=r"model\.dropout"):
+            parse_schema({**schema, "model": {"dropout": bad}}, "schema.yaml")

@@ -21,8 +21,8 @@ What it does, as a user with this split would:
    predictions file.
 
 Writes ``DIR/predictions.jsonl`` and ``DIR/run.json`` (training seconds, examples per
-second, best epoch, the validation curve). Needs ``twotower`` on ``PATH`` (the
-repository's own virtual environment).
+second, best epoch, the validation curve). Run it with the Python of the repository's
+own virtual environment (where ``twotower`` is installed).
 """
 
 from __future__ import annotations
@@ -89,6 +89,8 @@ def schema(feature: str | None, settings: dict, phase: str) -> dict:
                "history": "item_id", "length": int(settings.get("history", 50)),
                "table": "item"}
     query, item = [history], [{"name": "item_id", "kind": "id", "table": "item"}]
+    if settings.get("user_id"):  # an ablation: the user's own id embedding as well
+        query.append({"name": "user_id", "kind": "id", "table": "user"})
     if feature is not None:
         query.append({"name": f"history_{feature}", "kind": "id_list", "history": feature,
                       "length": int(settings.get("history", 50)), "table": feature})
@@ -111,7 +113,7 @@ def queries(events: list[tuple], users: list[str], feature_of: dict[str, list[st
     with open(path, "w") as f:
         for user in users:
             history = seen.get(user, [])
-            query = {"user_id": user, "history": history, "exclude": history}
+            query = {"user_id": user, "history": history, "exclude": history}  # user_id: the key
             if feature_of is not None:
                 name, values = feature_of["name"], feature_of["values"]
                 query[f"history_{name}"] = [v for item in history for v in values[item]]
@@ -119,7 +121,8 @@ def queries(events: list[tuple], users: list[str], feature_of: dict[str, list[st
 
 
 def twotower(*args: str) -> None:
-    subprocess.run(["twotower", *args], check=True)
+    """Run a ``twotower`` command with this Python (the repository's environment)."""
+    subprocess.run([sys.executable, "-m", "twotower", *args], check=True)
 
 
 def main() -> None:
@@ -156,6 +159,7 @@ def main() -> None:
              "--quiet", *flags)
     seconds = time.perf_counter() - start
 
+    start = time.perf_counter()
     feature_of = None
     if feature is not None:
         table = pq.read_table(out / "items.parquet").to_pydict()
@@ -175,14 +179,16 @@ def main() -> None:
             preds.write(json.dumps({"user_id": str(answer["user_id"]),
                                     "items": [str(i) for i in answer["items"]]}) + "\n")
 
-    records = [json.loads(line) for line in open(model / "metrics.jsonl")]
+    predict_seconds = time.perf_counter() - start
+    records = [json.loads(line) for line in (model / "metrics.jsonl").read_text().splitlines()]
     curve = [{"epoch": r["epoch"], "recall@50": r["recall@50"]} for r in records
              if r.get("event") == "validation"]
     summary = [r for r in records if r.get("event") == "input"][-1]
     report = {"train_seconds": seconds, "examples": summary["examples"],
               "examples_per_second": summary["examples"] / seconds,
               "epochs_trained": max((c["epoch"] for c in curve), default=epochs),
-              "best_epoch": summary.get("best_epoch", epochs), "curve": curve}
+              "best_epoch": summary.get("best_epoch", epochs),
+              "predict_seconds": predict_seconds, "curve": curve}
     (out / "run.json").write_text(json.dumps(report, indent=1) + "\n")
     os.remove(out / "events.parquet")  # large, and rebuilt from the split on every run
 

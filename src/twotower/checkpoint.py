@@ -14,8 +14,9 @@ swaps the symbolic link ``current`` to it in one atomic rename; ``config.json``,
 saves never load together. A checkpoint directory loads as a model too.
 
 A training checkpoint is a directory ``checkpoints/step-<step>`` holding the weights,
-the estimator, the optimizer states and RNG (safetensors) and ``state.json`` (step,
-position in the input, configs, and the structure of the optimizer states); its
+the estimator, the optimizer states and RNG (with a validated run's best weights so far;
+safetensors) and ``state.json`` (step, position in the input, configs, early stopping,
+and the structure of the optimizer states); its
 ``manifest.json``, written last, records each file's size and sha256. It is written
 under a hidden name and renamed into place when complete, and only then does
 ``checkpoints/LATEST`` (rewritten atomically) point to it: a crash at any moment leaves
@@ -31,7 +32,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,7 +55,8 @@ METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 LATEST = "LATEST"
 STATE = "state.json"
-TRAINING = "training.safetensors"  # optimizer states and RNG
+TRAINING = "training.safetensors"  # optimizer states, RNG and a validated run's best weights
+BEST = "best."  # the prefix of the best epoch's weights in TRAINING
 MANIFEST = "manifest.json"
 FORMAT = "twotower-checkpoint"
 PUBLISHED = "published"  # generations of the published model, each with its manifest
@@ -317,6 +319,7 @@ class Checkpoint:
     optimizers: list[dict]
     rng: torch.Tensor
     state: dict
+    best: dict[str, torch.Tensor] | None = None  # the best epoch's weights, with validation
 
 
 def sha256_of(path: Path) -> str:
@@ -372,8 +375,12 @@ def checkpoint_dirs(directory: str | Path) -> list[Path]:
 
 def save_checkpoint(directory: str | Path, model: TwoTowerModel,
                     estimator: StreamingFrequencyEstimator,
-                    optimizers: list[torch.optim.Optimizer], state: dict, keep: int = 2) -> Path:
-    """Write a checkpoint of step ``state["step"]`` and make it the latest; keep ``keep``."""
+                    optimizers: list[torch.optim.Optimizer], state: dict, keep: int = 2,
+                    best: Mapping[str, torch.Tensor] | None = None) -> Path:
+    """Write a checkpoint of step ``state["step"]`` and make it the latest; keep ``keep``.
+
+    ``best`` (the weights of a validated run's best epoch so far) goes with the optimizer
+    states, so a resumed run can end with them wherever it writes."""
     root = Path(directory) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{state['step']:012d}"
@@ -383,7 +390,7 @@ def save_checkpoint(directory: str | Path, model: TwoTowerModel,
         final = root / f"{name}-{n}"
     tmp = fresh_directory(root, f".{final.name}.")
     try:
-        _write_checkpoint(tmp, final, model, estimator, optimizers, state)
+        _write_checkpoint(tmp, final, model, estimator, optimizers, state, best)
     except (OSError, safetensors.SafetensorError) as error:  # e.g. the disk is full
         shutil.rmtree(tmp, ignore_errors=True)
         complete = [p for p in checkpoint_dirs(directory) if p != final]
@@ -398,11 +405,14 @@ def save_checkpoint(directory: str | Path, model: TwoTowerModel,
 
 def _write_checkpoint(tmp: Path, final: Path, model: TwoTowerModel,
                       estimator: StreamingFrequencyEstimator,
-                      optimizers: list[torch.optim.Optimizer], state: dict) -> None:
+                      optimizers: list[torch.optim.Optimizer], state: dict,
+                      best: Mapping[str, torch.Tensor] | None = None) -> None:
     """Fill ``tmp`` (files, then the manifest), rename it to ``final``, point LATEST at it."""
     tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
     structure = [_encode(o.state_dict(), f"optimizer.{i}", tensors)
                  for i, o in enumerate(optimizers)]
+    for key, value in (best or {}).items():
+        tensors[f"{BEST}{key}"] = value.detach().cpu().contiguous()
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     estimator_state = estimator.state_dict()
     text = json.dumps({**state, "model": model.config.to_dict(), "optimizers": structure,
@@ -479,4 +489,6 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         safetensors.numpy.load_file(str(where / ESTIMATOR)))
     tensors = safetensors.torch.load_file(str(where / TRAINING))
     optimizers = [_decode(o, tensors) for o in state.pop("optimizers")]
-    return Checkpoint(where, model, estimator, optimizers, tensors["rng.torch"], state)
+    best = {k[len(BEST):]: v for k, v in tensors.items() if k.startswith(BEST)}
+    return Checkpoint(where, model, estimator, optimizers, tensors["rng.torch"], state,
+                      best or None)

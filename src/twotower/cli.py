@@ -159,6 +159,9 @@ def _train_new(args: argparse.Namespace) -> int:
     if World.current().main:
         print(json.dumps({"model": str(args.out), "trained_on": trained, "data": report,
                           "split": split}, indent=2))
+        warning = _barely_trained(Path(args.out))
+        if warning:
+            print(f"twotower train: warning: {warning}", file=sys.stderr)
     return 0
 
 
@@ -170,10 +173,8 @@ def _event_stream(args: argparse.Namespace, schema):
 
     kind, params = _split_choice(args, schema, {})
     if kind in ("leave-last-out", "column"):
-        need = "leave-last-out needs every user's last events, so" if kind == "leave-last-out" \
-            else "a column split needs"
-        raise ValueError(f"{need} the whole log; with --streaming use --split time (or load "
-                         "in memory)")
+        raise ValueError(f"a {kind} split needs the whole log; with --streaming use "
+                         "--split time (or load in memory)")
     stream = EventStream(schema)
     stream.check()  # a bad row late in the log stops the run before anything is written
     if kind == "time" and "cutoff" not in params:
@@ -183,6 +184,22 @@ def _event_stream(args: argparse.Namespace, schema):
     stream.until = params.get("cutoff")
     return stream, ({"kind": kind, **params} if kind not in (None, "none") else
                     {"kind": "none"})
+
+
+def _barely_trained(model_dir: Path, still: float = 0.97) -> str | None:
+    """A warning when the training loss ended within ``still`` of where it started: a
+    model that has barely moved from its random start should not pass unnoticed."""
+    from twotower.checkpoint import METRICS
+
+    records = [json.loads(line) for line in (model_dir / METRICS).read_text().splitlines()
+               if line.strip()]
+    inputs = [r for r in records if r.get("event") == "input" and r.get("loss_end")]
+    if not inputs or inputs[-1]["loss_end"] < still * inputs[-1]["loss_start"]:
+        return None
+    start, end = inputs[-1]["loss_start"], inputs[-1]["loss_end"]
+    return (f"the training loss barely moved ({start:.3f} over the first steps, {end:.3f} "
+            "over the last): the model is barely trained; train more epochs (--epochs), or give "
+            "the split validation events to stop at the best epoch")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -294,8 +311,10 @@ def _resume_memory(args: argparse.Namespace, trainer, schema) -> tuple[dict, int
     rows, valid, split = _train_rows(args, schema, interactions)
     prepared = prepare(interactions, trainer.model.config)
     validation = Validation(prepared, rows, valid) if len(valid) else None
-    summary = train_day(trainer, prepared, np.zeros(0, dtype=np.int64), rows,
-                        input_name(prepared.training_data(rows)), validation)
+    name = input_name(prepared.training_data(rows))
+    _resume_order(args, trainer, name)
+    summary = train_day(trainer, prepared, np.zeros(0, dtype=np.int64), rows, name,
+                        validation)
     return summary, len(rows), interactions.report, split
 
 
@@ -307,8 +326,21 @@ def _resume_stream(args: argparse.Namespace, trainer, schema) -> tuple[dict, int
         raise ValueError("correction 'oracle' counts every event's item before training, "
                          "which a stream cannot; continue this model without --streaming")
     stream, split = _event_stream(args, schema)
-    summary = trainer.fit(StreamingTrainingData(stream, trainer.model.config))
+    data = StreamingTrainingData(stream, trainer.model.config)
+    _resume_order(args, trainer, data.name)
+    summary = trainer.fit(data)
     return summary, stream.report.get("events_kept", 0), stream.report, split
+
+
+def _resume_order(args: argparse.Namespace, trainer, name: str) -> None:
+    """Time order on new events unless --order says otherwise; the events the run last
+    trained on (stopped mid-epoch, or given more epochs) go on in the order they were in."""
+    from dataclasses import replace
+
+    position = trainer.position
+    same = position.input == name
+    shuffle = args.order == "shuffled" if args.order else same and position.shuffled
+    trainer.config = replace(trainer.config, shuffle=shuffle)
 
 
 def _follow(args: argparse.Namespace) -> int:
@@ -330,14 +362,16 @@ def _follow(args: argparse.Namespace) -> int:
     options = {"device": args.device, "checkpoint_every": args.checkpoint_every,
                "progress": not args.quiet}
     if checkpoint_dirs(out):  # a follow restarted: go on where it stopped
-        trainer = Trainer.resume(out, **_epochs(args), **options)
+        trainer = Trainer.resume(out, **_epochs(args), shuffle=args.order == "shuffled",
+                                 **options)
         columns = Columns(**{**trainer.extra["columns"],
                              "item_features": tuple(trainer.extra["columns"]["item_features"])})
     else:
         columns = _schema(args).columns() if args.schema else _flag_columns(args)
         torch.manual_seed(args.seed)
         config = TrainConfig(batch_size=args.batch_size, epochs=args.epochs or 1,
-                             learning_rate=args.lr, correction=args.correction, seed=args.seed)
+                             learning_rate=args.lr, correction=args.correction, seed=args.seed,
+                             shuffle=args.order == "shuffled")
         trainer = Trainer(TwoTowerModel(default_model_config(columns)), config, out_dir=out,
                           extra={"columns": asdict(columns)}, **options)
     log = GrowingLog(args.items, columns, trainer.model.config,
@@ -598,7 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--order", choices=["shuffled", "time"],
                    help="batches drawn in a new random order every epoch (default for a new "
                    "model) or in time order, one pass as the paper trains (default for "
-                   "--resume and --follow)")
+                   "--resume and --follow; a run stopped mid-epoch goes on in its order)")
     p.add_argument("--mixed-negatives", type=_at_least(0), default=0, metavar="N",
                    help="add N items drawn uniformly from the whole corpus to every batch's "
                    "candidates, each corrected by its own sampling probability")

@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from twotower.checkpoint import METRICS, load_model, published_metrics_bytes
 from twotower.evaluate import embed
-from twotower.features import Bag, EncodedFeatures, FeatureSpec, bag_from_arrow
+from twotower.features import LIST_KINDS, Bag, EncodedFeatures, FeatureSpec, bag_from_arrow
 from twotower.hashing import to_int64_ids
 from twotower.index import ItemIndex, check_built_from, index_items
 from twotower.towers import TwoTowerModel
@@ -119,12 +119,13 @@ def _numbers(value: object, width: int, loc: Sequence[str | int]) -> np.ndarray:
 
 
 def _history_features(model: TwoTowerModel, config: Mapping) -> list[str]:
-    """The id_list query features in the item id's space (the user's watched items)."""
+    """The id_list and sequence query features in the item id's space (the user's watched
+    items)."""
     columns = config.get("columns") or {}
     names = {columns.get("item"), columns.get("item_key")} - {None}
     tables = {f.table_name for f in model.config.item_features if f.name in names}
     return [f.name for f in model.config.query_features
-            if f.kind == "id_list" and f.table_name in tables]
+            if f.kind in LIST_KINDS and f.table_name in tables]
 
 
 def _last_records(path: Path, limit: int | None = None) -> dict[str, dict]:
@@ -197,7 +198,7 @@ class Recommender:
         features: dict[str, object] = {}
         for spec in self.specs:
             features[spec.name] = np.zeros(spec.width, np.float32) if spec.kind == "dense" \
-                else np.zeros(1, np.int64) if spec.kind == "id_list" else 0
+                else np.zeros(1, np.int64) if spec.kind in LIST_KINDS else 0
             if spec.weights:
                 features[spec.weights] = np.ones(1, np.float32)
         [result] = self.recommend_queries([Query(features, k=1)])
@@ -226,7 +227,7 @@ class Recommender:
             value = features[spec.name]
             if spec.kind == "id":
                 parsed[spec.name] = _id(value, where)
-            elif spec.kind == "id_list":
+            elif spec.kind in LIST_KINDS:
                 parsed[spec.name] = _ids(value, where)
                 if spec.weights:
                     weights = features.get(spec.weights)
@@ -258,7 +259,7 @@ class Recommender:
             values = [q.features[spec.name] for q in queries]
             if spec.kind == "id":
                 columns[spec.name] = np.asarray(values, np.int64)
-            elif spec.kind == "id_list":
+            elif spec.kind in LIST_KINDS:
                 offsets = np.concatenate([[0], np.cumsum([len(v) for v in values])])
                 flat = np.concatenate(values) if values else np.zeros(0, np.int64)
                 columns[spec.name] = Bag(flat.astype(np.int64), offsets.astype(np.int64))
@@ -409,7 +410,7 @@ def recommend_file(recommender: Recommender, queries: str | Path, out: IO[str], 
             if spec.name in table.column_names:
                 column = table.column(spec.name)
                 columns[spec.name] = _list_column(column, spec.name, where, done) \
-                    if spec.kind == "id_list" else column
+                    if spec.kind in LIST_KINDS else column
             if spec.weights and spec.weights in table.column_names:
                 columns[spec.weights] = table.column(spec.weights)
         excluded: list[np.ndarray] | None = None

@@ -117,7 +117,10 @@ class Tower(nn.Module):
             elif spec.kind == "sequence":
                 ids, mask = value
                 table = tables[spec.table_name]
-                items = F.embedding(ids, table.weight, sparse=table.sparse)
+                # Only the real ids are looked up: a padded slot names no table row (a
+                # sparse optimizer moves every row a gradient names, even by a zero one).
+                found = F.embedding(ids[mask], table.weight, sparse=table.sparse)
+                items = found.new_zeros(*ids.shape, found.shape[1]).index_put((mask,), found)
                 parts.append(self.sequences[spec.name](items, mask))
             else:
                 values, offsets, weights = value

@@ -40,7 +40,6 @@ from twotower.checkpoint import (
     METRICS,
     checkpoint_dirs,
     load_checkpoint,
-    load_model,
     remove_leftovers,
     save_checkpoint,
     save_model,
@@ -171,11 +170,13 @@ def make_optimizers(model: TwoTowerModel, config: TrainConfig) -> list[torch.opt
 
 @dataclass
 class Position:
-    """Where a run stands in an input: ``batch`` batches of epoch ``epoch`` are done."""
+    """Where a run stands in an input: ``batch`` batches of epoch ``epoch`` are done, drawn
+    in shuffled or time order (a stopped epoch goes on in the order it began in)."""
 
     input: str = ""
     epoch: int = 0
     batch: int = 0
+    shuffled: bool = False
 
 
 def input_name(data: TrainingData) -> str:
@@ -252,6 +253,9 @@ class Trainer:
         self.inputs_done: list[str] = []
         self.early_stopping = EarlyStopping(patience=config.patience)
         self._best: dict[str, torch.Tensor] | None = None
+        # Stopped mid-input with a best epoch published: save() keeps that model published
+        # (the resumed run puts its weights back at the end) and only checkpoints.
+        self._best_published = False
         self.stop_requested = False
         broadcast_tables(list(model.tables.values()), self.world)
         self.towers: nn.Module = _Towers(model)
@@ -273,8 +277,9 @@ class Trainer:
         """Continue from a checkpoint: a model directory's latest, or a step directory.
 
         Weights, optimizer states, estimator, step, position and RNG carry on; ``changes``
-        may set ``epochs`` and ``log_every``. Writes go to ``out_dir`` (default: the model
-        directory the checkpoint belongs to).
+        may set ``epochs``, ``log_every`` and ``shuffle`` (an epoch stopped midway goes on
+        only in its own order). Writes go to ``out_dir`` (default: the model directory the
+        checkpoint belongs to).
         """
         unknown = sorted(set(changes) - set(RESUMABLE))
         if unknown:
@@ -290,10 +295,13 @@ class Trainer:
         for optimizer, state in zip(trainer.optimizers, saved.optimizers, strict=True):
             optimizer.load_state_dict(state)
         torch.set_rng_state(saved.rng)
-        trainer.position = Position(**saved.state["position"])
+        # A position written before it recorded its order was drawn in the run's order.
+        trainer.position = Position(**{"shuffled": saved.state["train"].get("shuffle", False),
+                                       **saved.state["position"]})
         trainer.inputs_done = list(saved.state["inputs_done"])
         if "early_stopping" in saved.state:
             trainer.early_stopping = EarlyStopping(**saved.state["early_stopping"])
+        trainer._best = saved.best
         trainer.log({"event": "resume", "step": trainer.step, "from": str(saved.path)})
         return trainer
 
@@ -322,11 +330,18 @@ class Trainer:
                 return {"event": "input", "input": name, "step": self.step, "skipped": True,
                         "stopped": False, "reason": done}
             self.inputs_done.remove(name)  # more epochs on the input it last trained on
-            self.position = Position(name, self.position.epoch + 1, 0)
+            self.position = Position(name, self.position.epoch + 1, 0, self.config.shuffle)
         start = self.position if self.position.input == name else Position(name)
         config = self.config
-        if start == Position(name):  # early stopping is per input: a new one starts afresh
-            self.early_stopping, self._best = EarlyStopping(patience=config.patience), None
+        if start == Position(name):  # a new input: its epochs alone are judged
+            self.early_stopping = EarlyStopping(self.early_stopping.metric, config.patience)
+            self._best = None
+        if start.batch and start.shuffled != config.shuffle:
+            order = "shuffled" if start.shuffled else "time"
+            raise ValueError(f"input {name!r} stopped {start.batch} batches into epoch "
+                             f"{start.epoch + 1} in {order} order; go on in {order} order "
+                             f"(shuffle={start.shuffled}, --order {order}), or the epoch "
+                             "would repeat some events and skip others")
         oracle = oracle_log_q(data, config.batch_size) if config.correction == "oracle" else None
         per_epoch = -(-len(data.rows) // config.batch_size)
         bar = tqdm(total=per_epoch * config.epochs, initial=start.epoch * per_epoch + start.batch,
@@ -341,7 +356,7 @@ class Trainer:
                     loss, stopped = self._reduce(self._step(data, rows, oracle))
                     if not math.isfinite(loss):  # before anything of this step is written
                         raise TrainingDiverged(self._diverged(f"the training loss became {loss}"))
-                    self.position = Position(name, epoch, index + 1)
+                    self.position = Position(name, epoch, index + 1, config.shuffle)
                     losses.append(loss)
                     running.append(loss)
                     examples += len(rows)
@@ -363,9 +378,14 @@ class Trainer:
             self.stop_requested = True  # a worker that got no signal stops with the others
         else:
             self.inputs_done.append(name)
+        self._best_published = stopped and validation is not None \
+            and self.early_stopping.best_epoch >= 0
         summary = {"event": "input", "input": name, "step": self.step, "steps": len(losses),
                    "examples": examples,
                    "loss": float(np.mean(losses)) if losses else float("nan"),
+                   # the first and last steps' mean loss: did training move the model?
+                   "loss_start": float(np.mean(losses[:config.log_every])) if losses else None,
+                   "loss_end": float(np.mean(losses[-config.log_every:])) if losses else None,
                    "seconds": round(time.perf_counter() - started, 3), "stopped": stopped}
         if validation is not None and not stopped:
             summary.update(self._keep_best())
@@ -435,10 +455,9 @@ class Trainer:
 
     def _keep_best(self) -> dict:
         """Put the best epoch's weights back (the estimator goes on: its estimates of item
-        frequencies are as good after later epochs); what the summary says of it."""
+        frequencies are as good after later epochs); what the summary says of it. They are
+        in memory, or came with the checkpoint a resumed run started from."""
         stopping = self.early_stopping
-        if self._best is None and stopping.best_epoch >= 0 and self.out_dir is not None:
-            self._best = load_model(self.out_dir)[0].state_dict()  # published when it was best
         if self._best is not None:
             self.model.load_state_dict(self._best)
         return {"best_epoch": stopping.best_epoch + 1, stopping.metric: stopping.best_value,
@@ -524,16 +543,21 @@ class Trainer:
         if not self.world.main:
             return None
         return save_checkpoint(self.out_dir, self.model, self.estimator, self.optimizers,
-                               self.state())
+                               self.state(), best=self._best)
 
     def save(self) -> Path | None:
-        """Publish the model into ``out_dir`` (what index and serve read) and checkpoint."""
+        """Publish the model into ``out_dir`` (what index and serve read) and checkpoint.
+
+        A run with validation stopped mid-input leaves its best epoch's model published
+        (:meth:`fit` wrote it there) and only checkpoints: the resumed run puts those
+        weights back when it ends, and a model to use meanwhile is the best one."""
         if self.out_dir is None:
             raise ValueError("this trainer has no out_dir to save into")
         if not self.world.main:
             return None
-        save_model(self.out_dir, self.model, self.estimator,
-                   {"train": asdict(self.config), **self.extra})
+        if not self._best_published:
+            save_model(self.out_dir, self.model, self.estimator,
+                       {"train": asdict(self.config), **self.extra})
         return self.checkpoint()
 
     def log(self, record: dict) -> None:

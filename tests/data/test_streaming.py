@@ -207,7 +207,62 @@ def test_cli_streaming_train_then_evaluate(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["queries"] == int((memory.timestamp >= cutoff).sum())
     assert main(["train", "--schema", str(path), "--out", str(tmp_path / "x"), "--streaming",
                  "--split", "leave-last-out"]) == 2
-    assert "leave-last-out needs every user's last events" in capsys.readouterr().err
+    assert "a leave-last-out split needs the whole log" in capsys.readouterr().err
+
+
+def test_a_sequence_feature_trains_the_same_from_a_stream_and_in_memory(tmp_path):
+    events, items = random_log(np.random.default_rng(4), 500)
+    query = [dict(f, kind="sequence", length=4) if f["name"] == "history" else f
+             for f in SCHEMA["query_features"] if f["name"] != "history_tags"]
+    schema = load_schema(write_log(tmp_path, events, items, schema={"query_features": query}))
+    memory = load(schema)
+    model_config = schema_model_config(schema, memory_ids(memory))
+    [spec] = [f for f in model_config.query_features if f.name == "history"]
+    assert (spec.kind, spec.length) == ("sequence", 4)
+    prepared = prepare(memory, model_config)
+    _, mask = prepared.queries.take(np.arange(len(memory)))["history"]
+    histories = as_lists(memory.query_columns(["history"])["history"])
+    assert mask.sum(dim=1).tolist() == [min(len(h), 4) for h in histories]
+    config = TrainConfig(batch_size=32, epochs=2, log_every=5)
+    models = []
+    for data in (prepared.training_data(np.arange(len(memory))),
+                 StreamingTrainingData(EventStream(schema, batch_rows=45), model_config,
+                                       piece_rows=100)):
+        torch.manual_seed(0)
+        model = TwoTowerModel(model_config)
+        train(model, data, config, progress=False)
+        models.append(model.state_dict())
+    for name, value in models[0].items():
+        torch.testing.assert_close(value, models[1][name], rtol=0, atol=0, msg=name)
+
+
+def test_streaming_batches_shuffle_within_each_piece(tmp_path):
+    events, items = random_log(np.random.default_rng(5), 600)
+    schema = load_schema(write_log(tmp_path, events, items))
+    model_config = schema_model_config(schema, memory_ids(load(schema)))
+    data = StreamingTrainingData(EventStream(schema, batch_rows=45), model_config,
+                                 piece_rows=100)
+
+    def pieces(seed) -> list[list[tuple[int, float]]]:
+        """Per piece, the (item row, reward) of every event in the order batched."""
+        out, current = [], None
+        for rows in data.batches(16, seed):
+            assert len(rows) >= 2
+            if data.queries is not current:
+                current = data.queries
+                out.append([])
+            out[-1] += list(zip(data.item_row[rows].tolist(), data.reward[rows].tolist(),
+                                strict=True))
+        return out
+
+    in_time = pieces(None)
+    assert len(in_time) > 3
+    shuffled = pieces((0, 0))
+    assert len(shuffled) == len(in_time)
+    for a, b in zip(in_time, shuffled, strict=True):
+        assert sorted(a) == sorted(b)  # the same events in each piece
+    assert shuffled != in_time
+    assert pieces((0, 0)) == shuffled and pieces((0, 1)) != shuffled
 
 
 def test_a_bad_row_at_the_end_of_a_stream_is_found_before_anything_is_written(tmp_path):
