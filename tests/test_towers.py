@@ -165,17 +165,22 @@ def test_dropout_outside_zero_to_one_is_an_error_naming_it(dropout):
 
 
 def test_config_without_dropout_or_length_still_loads(tmp_path):
-    from twotower.checkpoint import CONFIG, load_model, save_model
+    import shutil
+
+    from twotower.checkpoint import CONFIG, WEIGHTS, load_model, save_model
 
     torch.manual_seed(0)
     model = TwoTowerModel(make_config())
-    save_model(tmp_path, model, None)
-    stored = json.loads((tmp_path / CONFIG).read_text())
-    del stored["model"]["dropout"]  # written before dropout and sequences existed
+    save_model(tmp_path / "new", model, None)
+    old = tmp_path / "old"  # as written before published generations, dropout and sequences
+    old.mkdir()
+    shutil.copy(tmp_path / "new" / WEIGHTS, old / WEIGHTS)
+    stored = json.loads((tmp_path / "new" / CONFIG).read_text())
+    del stored["model"]["dropout"]
     for feature in stored["model"]["query_features"] + stored["model"]["item_features"]:
         del feature["length"]
-    (tmp_path / CONFIG).write_text(json.dumps(stored))
-    loaded, _, _ = load_model(tmp_path)
+    (old / CONFIG).write_text(json.dumps(stored))
+    loaded, _, _ = load_model(old)
     assert loaded.config == model.config and loaded.config.dropout == 0.0
     queries, _ = batches(model.config)
     with torch.no_grad():

@@ -632,7 +632,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--order", choices=["shuffled", "time"],
                    help="batches drawn in a new random order every epoch (default for a new "
                    "model) or in time order, one pass as the paper trains (default for "
-                   "--resume and --follow; a run stopped mid-epoch goes on in its order)")
+                   "--resume and --follow; a run stopped mid-epoch, or given more epochs on "
+                   "the same events, goes on in its order)")
     p.add_argument("--mixed-negatives", type=_at_least(0), default=0, metavar="N",
                    help="add N items drawn uniformly from the whole corpus to every batch's "
                    "candidates, each corrected by its own sampling probability")
