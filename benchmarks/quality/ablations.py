@@ -46,6 +46,12 @@ def history(length: int | None = None, kind: str | None = None):
     return change
 
 
+def item_buckets(buckets: int):
+    def change(schema: dict) -> None:
+        schema.setdefault("tables", {})["item"] = {"buckets": buckets}
+    return change
+
+
 def model(**settings):
     def change(schema: dict) -> None:
         schema.setdefault("model", {}).update(settings)
@@ -60,6 +66,9 @@ ROWS = {
     "shuffled-5-epochs": ([], ["--epochs", "5", "--patience", "99"]),
     "shuffled-early-stop": ([], []),
     "correction-none": ([], ["--correction", "none"]),
+    "correction-oracle": ([], ["--correction", "oracle"]),
+    "item-buckets-2^20": ([item_buckets(1 << 20)], []),
+    "no-normalize": ([model(normalize=False)], []),
     "no-attributes": ([no_attributes], []),
     "history-50": ([history(50)], []),
     "batch-256": ([], ["--batch-size", "256"]),
