@@ -109,3 +109,29 @@ def test_a_barely_trained_model_is_warned_about(quickstart: Path, tmp_path: Path
     assert "the training loss barely moved" in capsys.readouterr().err
     assert main([*common, "--out", str(tmp_path / "moved"), "--epochs", "3"]) == 0
     assert "barely moved" not in capsys.readouterr().err
+
+
+def test_default_epochs_are_a_few_or_chosen_by_validation(quickstart: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    """Without validation events a new model trains a fixed few epochs; with them, early
+    stopping chooses within the most epochs."""
+    from twotower.cli import EPOCHS, EPOCHS_VALIDATED
+
+    data = quickstart / "data"
+    common = ["train", "--events", str(data / "events.parquet"), "--items",
+              str(data / "items.parquet"), "--quiet", "--batch-size", "512"]
+    assert main([*common, "--out", str(tmp_path / "fixed")]) == 0
+    records = [json.loads(x) for x in (tmp_path / "fixed" / "metrics.jsonl").read_text()
+               .splitlines()]
+    [summary] = [r for r in records if r.get("event") == "input"]
+    events = pq.read_table(data / "events.parquet").num_rows
+    assert summary["steps"] == EPOCHS * -(-events // 512)
+    assert not any(r.get("event") == "validation" for r in records)
+    assert main([*common, "--out", str(tmp_path / "chosen"), "--split", "leave-last-out",
+                 "--patience", "1"]) == 0
+    records = [json.loads(x) for x in (tmp_path / "chosen" / "metrics.jsonl").read_text()
+               .splitlines()]
+    epochs = [r["epoch"] for r in records if r.get("event") == "validation"]
+    [summary] = [r for r in records if r.get("event") == "input"]
+    assert epochs == list(range(1, len(epochs) + 1)) and 1 < len(epochs) < EPOCHS_VALIDATED
+    assert summary["early_stopped"] and summary["best_epoch"] == len(epochs) - 1

@@ -63,7 +63,7 @@ def steps_of(out: Path) -> list[int]:
 def test_a_new_run_into_a_directory_holding_a_run_is_refused_unless_overwritten(
         schema, tmp_path, capsys):
     out = tmp_path / "m"
-    assert train(schema, out, "--epochs", "3", "--checkpoint-every", "10") == 0
+    assert train(schema, out, "--epochs", "4", "--checkpoint-every", "10") == 0
     weights = (out / WEIGHTS).read_bytes()
     before = steps_of(out)
     capsys.readouterr()
