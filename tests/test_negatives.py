@@ -12,6 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 from ports import free_port, gloo_group
+from tiny_log import tiny_prepared
 from twotower.data.interactions import load_interactions
 from twotower.data.synthetic import SyntheticConfig, generate
 from twotower.experiment import default_model_config, prepare
@@ -72,11 +73,7 @@ def test_inclusion_frequency_matches_the_probability():
 
 @pytest.fixture(scope="module")
 def prepared():
-    synthetic = generate(TINY)
-    interactions = load_interactions(synthetic.events, synthetic.items)
-    return prepare(interactions, default_model_config(
-        interactions.columns, item_buckets=256, user_buckets=64, feature_buckets=32, dim=4,
-        hidden=(8,), output_dim=4))
+    return tiny_prepared(TINY)
 
 
 def new_trainer(prepared, **options) -> Trainer:

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from twotower.data.interactions import load_interactions
+from tiny_log import tiny_prepared
 from twotower.data.synthetic import SyntheticConfig, generate
-from twotower.experiment import default_model_config, prepare
 from twotower.towers import TwoTowerModel
 from twotower.train import TrainConfig, Trainer, TrainingData
 
@@ -20,11 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def prepared():
-    synthetic = generate(TINY)
-    interactions = load_interactions(synthetic.events, synthetic.items)
-    return prepare(interactions, default_model_config(
-        interactions.columns, item_buckets=256, user_buckets=64, feature_buckets=32, dim=4,
-        hidden=(8,), output_dim=4))
+    return tiny_prepared(TINY)
 
 
 def tiny_data(rows: np.ndarray) -> TrainingData:

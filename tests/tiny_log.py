@@ -37,3 +37,15 @@ def write_log(folder: Path, files: int = 2) -> Path:
     pq.write_table(log.items, folder / "items.parquet")
     (folder / "schema.yaml").write_text(yaml.safe_dump(SCHEMA))
     return folder / "schema.yaml"
+
+
+def tiny_prepared(config: SyntheticConfig):
+    """A synthetic log loaded in memory and encoded for a tiny model (width 4)."""
+    from twotower.data.interactions import load_interactions
+    from twotower.experiment import default_model_config, prepare
+
+    synthetic = generate(config)
+    interactions = load_interactions(synthetic.events, synthetic.items)
+    return prepare(interactions, default_model_config(
+        interactions.columns, item_buckets=256, user_buckets=64, feature_buckets=32, dim=4,
+        hidden=(8,), output_dim=4))

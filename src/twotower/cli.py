@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from twotower.cli_serving import add_commands
+from twotower.cli_types import at_least, positive
 
 # Epochs of a new model: a fixed few without validation events (on the shared real logs the
 # best epoch was the 2nd to the 5th), else at most this many, early stopping choosing.
@@ -519,31 +519,8 @@ def _split_arguments(parser: argparse.ArgumentParser, none: bool) -> None:
                              "default: the schema's split" + (", else none" if none else
                                                               ", else the model's"))
     parser.add_argument("--cutoff", type=int, help="time split: test on events at or after this")
-    parser.add_argument("--test-fraction", type=_positive(1),
+    parser.add_argument("--test-fraction", type=positive(1),
                         help="time split: the cut-off that leaves this share of events to test")
-
-
-def _at_least(low: int):
-    """An argparse type: an integer no smaller than ``low``."""
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
-    return parse
-
-
-def _positive(high: float = math.inf):
-    """An argparse type: a finite number above 0 (and below ``high``), so that a NaN or an
-    infinity is refused before anything is read, not trained into a NaN model."""
-    def parse(text: str) -> float:
-        value = float(text)
-        if not (math.isfinite(value) and 0 < value < high):
-            bound = "" if high == math.inf else f" and below {high:g}"
-            raise argparse.ArgumentTypeError(f"must be a finite number above 0{bound}, got "
-                                             f"{text}")
-        return value
-    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -563,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--items", type=int, default=20000)
     p.add_argument("--days", type=int, default=14)
     p.add_argument("--events-per-day", type=int, default=30000)
-    p.add_argument("--exponent", type=_positive(), default=0.8, help="item popularity power law")
+    p.add_argument("--exponent", type=positive(), default=0.8, help="item popularity power law")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_synth)
 
@@ -572,16 +549,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="twotower-compare", help="output directory")
     p.add_argument("--modes", nargs="+", choices=["none", "streaming", "oracle"],
                    default=["none", "streaming", "oracle"])
-    p.add_argument("--temperatures", nargs="+", type=_positive(), default=[0.05])
+    p.add_argument("--temperatures", nargs="+", type=positive(), default=[0.05])
     p.add_argument("--ks", nargs="+", type=int, default=[10, 50, 100], metavar="K",
                    help="cut-offs to evaluate at (recall@K, ndcg@K, ...)")
-    p.add_argument("--runs", type=_at_least(1), default=1,
+    p.add_argument("--runs", type=at_least(1), default=1,
                    help="seeds per run (mean and spread)")
     p.add_argument("--exclude-seen", action="store_true",
                    help="drop items the user interacted with before from each ranking")
-    p.add_argument("--epochs", type=_at_least(1), default=1)
-    p.add_argument("--batch-size", type=_at_least(2), default=1024)
-    p.add_argument("--lr", type=_positive(100), default=0.005)
+    p.add_argument("--epochs", type=at_least(1), default=1)
+    p.add_argument("--batch-size", type=at_least(2), default=1024)
+    p.add_argument("--lr", type=positive(100), default=0.005)
     p.add_argument("--seed", type=int, default=0, help="first seed")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=_compare)
@@ -589,7 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("simulate",
                             help="the paper's simulation of the streaming frequency estimator")
     p.add_argument("--out", default="twotower-simulate", help="output directory")
-    p.add_argument("--steps", type=_at_least(1), default=10_000)
+    p.add_argument("--steps", type=at_least(1), default=10_000)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_simulate)
 
@@ -607,16 +584,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on DIR's partitions (a file or folder per day, name order = "
                         "time order), checkpoint after each, and wait for the next; "
                         "SIGINT/SIGTERM stop with a final checkpoint; needs --items")
-    p.add_argument("--poll", type=_positive(), default=30.0,
+    p.add_argument("--poll", type=positive(), default=30.0,
                    help="with --follow: seconds between looks for a new partition")
-    p.add_argument("--checkpoint-every", type=_at_least(0), default=1000, metavar="STEPS",
+    p.add_argument("--checkpoint-every", type=at_least(0), default=1000, metavar="STEPS",
                    help="also checkpoint every STEPS steps (0: only at the end)")
-    p.add_argument("--nproc", type=_at_least(1), default=1,
+    p.add_argument("--nproc", type=at_least(1), default=1,
                    help="processes on this machine (PyTorch distributed: gloo on CPU, NCCL "
                         "on GPUs; the same as torchrun --nproc-per-node N -m twotower train)")
     p.add_argument("--device", default="auto",
                    help="auto (this worker's GPU when there is one, else cpu), cpu, cuda, ...")
-    p.add_argument("--threads", type=_at_least(1), default=1,
+    p.add_argument("--threads", type=at_least(1), default=1,
                    help="torch threads per process (default 1: on a busy machine more "
                    "threads make a step several times slower; try more on an idle one)")
     p.add_argument("--user-column", default="user_id", help="without --schema")
@@ -626,7 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="without --schema; '' for no reward column")
     p.add_argument("--item-features", nargs="*", default=["channel", "category"],
                    help="without --schema")
-    p.add_argument("--history", type=_at_least(0), default=20,
+    p.add_argument("--history", type=at_least(0), default=20,
                    help="without --schema: history length")
     _split_arguments(p, none=True)
     p.add_argument("--until", type=int, help="train only on events before this time "
@@ -635,7 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read the events in record batches (files sorted by time)")
     p.add_argument("--correction", choices=["none", "streaming", "oracle"],
                    default="streaming")
-    p.add_argument("--epochs", type=_at_least(1),
+    p.add_argument("--epochs", type=at_least(1),
                    help=f"epochs of a new model (default {EPOCHS}); with validation events in "
                    f"the split, the most epochs (default {EPOCHS_VALIDATED}: early stopping "
                    "picks the best); with --follow, per partition (default 1); with --resume, "
@@ -646,15 +623,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "model) or in time order, one pass as the paper trains (default for "
                    "--resume and --follow; a run stopped mid-epoch, or given more epochs on "
                    "the same events, goes on in its order)")
-    p.add_argument("--mixed-negatives", type=_at_least(0), default=0, metavar="N",
+    p.add_argument("--mixed-negatives", type=at_least(0), default=0, metavar="N",
                    help="add N items drawn uniformly from the whole corpus to every batch's "
                    "candidates, each corrected by its own sampling probability")
-    p.add_argument("--patience", type=_at_least(1), default=3,
+    p.add_argument("--patience", type=at_least(1), default=3,
                    help="with validation events: stop after this many epochs without a new "
                    "best validation recall@50, keeping the best epoch")
-    p.add_argument("--batch-size", type=_at_least(2), default=1024)
-    p.add_argument("--lr", type=_positive(100), default=0.005)  # as TrainConfig checks
-    p.add_argument("--temperature", type=_positive(), help="default: the schema's (0.05)")
+    p.add_argument("--batch-size", type=at_least(2), default=1024)
+    p.add_argument("--lr", type=positive(100), default=0.005)  # as TrainConfig checks
+    p.add_argument("--temperature", type=positive(), help="default: the schema's (0.05)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=_train)
@@ -667,10 +644,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", nargs="+", required=True, metavar="NAME=V1,V2",
                    help="settings to try, every combination: lr, batch_size, temperature, "
                    "dropout, dim, output_dim, mixed_negatives, correction")
-    p.add_argument("--epochs", type=_at_least(1), default=30, help="the most epochs of a run")
-    p.add_argument("--patience", type=_at_least(1), default=3)
-    p.add_argument("--batch-size", type=_at_least(2), default=1024)
-    p.add_argument("--lr", type=_positive(100), default=0.005)
+    p.add_argument("--epochs", type=at_least(1), default=30, help="the most epochs of a run")
+    p.add_argument("--patience", type=at_least(1), default=3)
+    p.add_argument("--batch-size", type=at_least(2), default=1024)
+    p.add_argument("--lr", type=positive(100), default=0.005)
     p.add_argument("--correction", choices=["none", "streaming", "oracle"],
                    default="streaming")
     p.add_argument("--seed", type=int, default=0)
@@ -685,9 +662,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which part of the split to evaluate on")
     p.add_argument("--exclude-seen", action="store_true",
                    help="drop items the user interacted with before from each ranking")
-    p.add_argument("--ks", nargs="+", type=_at_least(1), default=[10, 50, 100], metavar="K",
+    p.add_argument("--ks", nargs="+", type=at_least(1), default=[10, 50, 100], metavar="K",
                    help="cut-offs (recall@K, ndcg@K, coverage@K)")
-    p.add_argument("--bootstrap", type=_at_least(0), default=1000, metavar="N",
+    p.add_argument("--bootstrap", type=at_least(0), default=1000, metavar="N",
                    help="query resamples for 95%% intervals of recall and NDCG (0: none)")
     p.add_argument("--index", metavar="INDEX_DIR",
                    help="also rank through this index (built by `twotower index` for this "

@@ -9,39 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+from twotower.cli_types import at_least, finite, share
+
 __all__ = ["add_commands"]
-
-
-def _at_least(low: int) -> Callable[[str], int]:
-    """An argparse type: an integer no smaller than ``low``."""
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
-    return parse
-
-
-def _finite(text: str) -> float:
-    """An argparse type: a finite number."""
-    value = float(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
-
-
-def _share(text: str) -> float:
-    """An argparse type: a number in (0, 1]."""
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
 
 
 def _index_dir(args: argparse.Namespace) -> Path:
@@ -127,18 +101,18 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--factory", default="auto",
                    help="'auto' (exact below --exact-below items, HNSW above) or a faiss "
                    "factory string, e.g. Flat, HNSW32, IVF4096,PQ13")
-    p.add_argument("--exact-below", type=_at_least(0), default=100_000,
+    p.add_argument("--exact-below", type=at_least(0), default=100_000,
                    help="corpus size from which 'auto' goes approximate")
-    p.add_argument("--ef-search", type=_at_least(1),
+    p.add_argument("--ef-search", type=at_least(1),
                    help="fix HNSW efSearch instead of tuning it")
-    p.add_argument("--nprobe", type=_at_least(1), help="fix IVF nprobe instead of tuning it")
-    p.add_argument("--target-recall", type=_share, default=0.95,
+    p.add_argument("--nprobe", type=at_least(1), help="fix IVF nprobe instead of tuning it")
+    p.add_argument("--target-recall", type=share, default=0.95,
                    help="tune the search parameter until recall@100 vs exact reaches this")
-    p.add_argument("--recall-queries", type=_at_least(1), default=1000,
+    p.add_argument("--recall-queries", type=at_least(1), default=1000,
                    help="sampled queries for the recall check")
     p.add_argument("--no-popularity", action="store_true",
                    help="leave out the log-popularity column (no popularity penalty)")
-    p.add_argument("--batch-size", type=_at_least(1), default=8192,
+    p.add_argument("--batch-size", type=at_least(1), default=8192,
                    help="items per tower forward")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_index)
@@ -152,13 +126,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                    help="queries (Parquet, CSV or JSON lines) with the model's query features")
     p.add_argument("--out", default="-",
                    help="JSON lines output, written atomically (default: stdout)")
-    p.add_argument("-k", "--k", type=_at_least(1), default=10, help="items per query")
+    p.add_argument("-k", "--k", type=at_least(1), default=10, help="items per query")
     p.add_argument("--exclude-seen", action="store_true",
                    help="never recommend the items of a query's history")
     p.add_argument("--exclude-column", help="a list column of item keys to leave out per query")
-    p.add_argument("--popularity-penalty", type=_finite, default=0.0,
+    p.add_argument("--popularity-penalty", type=finite, default=0.0,
                    help="beta: rank by <u, v> - beta log p_hat(item) (0: plain scores)")
-    p.add_argument("--batch-size", type=_at_least(1), default=1024,
+    p.add_argument("--batch-size", type=at_least(1), default=1024,
                    help="queries per forward")
     p.set_defaults(run=_recommend)
 
