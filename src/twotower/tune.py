@@ -66,6 +66,9 @@ def tune(schema: Schema, interactions, split: Split, grid: Mapping[str, Sequence
                          "split {kind: leave-last-out} or {kind: column, column: NAME} with "
                          "`valid` rows")
     out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} is not empty; tune writes its runs, best and tuning.json "
+                         "into a new directory: give another --out")
     ids = memory_ids(interactions)
     rows = []
     names = list(grid)

@@ -1,0 +1,64 @@
+"""``twotower tune``: every setting of a grid trained with early stopping on validation
+events, ranked by validation recall, the best run kept."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tiny_log import write_log
+from twotower.checkpoint import load_model
+from twotower.cli import main
+from twotower.tune import parse_grid
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_parse_grid_reads_values_and_names_bad_entries():
+    assert parse_grid(["lr=0.005,0.02", "dropout=0,0.2", "batch_size=256"]) == {
+        "lr": [0.005, 0.02], "dropout": [0.0, 0.2], "batch_size": [256]}
+    for bad, message in [("lr", "NAME=V1,V2"), ("speed=1,2", "NAME=V1,V2"),
+                         ("batch_size=1.5", "batch_size takes int"), ("lr=", "NAME=V1,V2")]:
+        with pytest.raises(ValueError, match=message):
+            parse_grid([bad])
+
+
+def test_tune_trains_every_setting_and_keeps_the_best(tmp_path: Path, capsys):
+    schema = write_log(tmp_path / "data")
+    out = tmp_path / "tune"
+    assert main(["tune", "--schema", str(schema), "--split", "leave-last-out", "--out",
+                 str(out), "--grid", "lr=0.001,0.01", "dropout=0,0.3", "--epochs", "3",
+                 "--quiet"]) == 0
+    rows = json.loads((out / "tuning.json").read_text())
+    assert sorted((r["lr"], r["dropout"]) for r in rows) == [
+        (0.001, 0.0), (0.001, 0.3), (0.01, 0.0), (0.01, 0.3)]
+    scores = [r["recall@50"] for r in rows]
+    assert scores == sorted(scores, reverse=True)
+    for row in rows:  # each row is its run's best validation record
+        records = [json.loads(x) for x in
+                   (out / row["run"] / "metrics.jsonl").read_text().splitlines()]
+        best = max(r["recall@50"] for r in records if r.get("event") == "validation")
+        assert row["recall@50"] == best and 1 <= row["best_epoch"] <= 3
+        _, _, config = load_model(out / row["run"])
+        assert config["train"]["learning_rate"] == row["lr"]
+        assert config["schema"]["model"]["dropout"] == row["dropout"]
+    best, _, _ = load_model(out / "best")
+    winner, _, _ = load_model(out / rows[0]["run"])
+    for name, value in best.state_dict().items():
+        assert torch.equal(value, winner.state_dict()[name])
+    printed = capsys.readouterr().out
+    assert f"best: {out / 'best'} ({rows[0]['run']}" in printed
+    # A second tune never writes over the first one's runs.
+    assert main(["tune", "--schema", str(schema), "--split", "leave-last-out", "--out",
+                 str(out), "--grid", "lr=0.001", "--quiet"]) == 2
+    assert "is not empty" in capsys.readouterr().err
+
+
+def test_tune_needs_validation_events(tmp_path: Path, capsys):
+    schema = write_log(tmp_path / "data")
+    assert main(["tune", "--schema", str(schema), "--split", "time", "--test-fraction", "0.2",
+                 "--out", str(tmp_path / "tune"), "--grid", "lr=0.001"]) == 2
+    assert "validation events" in capsys.readouterr().err
