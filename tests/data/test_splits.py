@@ -94,3 +94,14 @@ def test_time_split_never_trains_on_or_after_the_cutoff(events, cutoff):
     assert len(split.train) + len(split.test) == len(times)
     if len(split.train) and len(split.test):
         assert split.train.max() < split.test.min()  # every train event precedes every test one
+
+
+def test_column_split_puts_each_event_in_the_part_its_column_names():
+    from twotower.data.splits import column_split, split_log
+
+    parts = np.array(["train", "valid", "train", "test", "valid", "train"])
+    split = split_log("column", np.zeros(6), np.arange(6), column="part", parts=parts)
+    assert split.train.tolist() == [0, 2, 5] and split.valid.tolist() == [1, 4]
+    assert split.test.tolist() == [3] and split.summary()["column"] == "part"
+    with pytest.raises(ValueError, match=r"'part' holds \['tset'\] \(first at row 2"):
+        column_split(np.array(["train", "valid", "tset"]), "part")

@@ -93,7 +93,7 @@ def leave_last_out(users: np.ndarray) -> Split:
 def column_split(parts: np.ndarray, column: str) -> Split:
     """Each event in the part its ``column`` value names: ``train``, ``valid`` or ``test``."""
     parts = np.asarray(parts).astype(str)
-    unknown = sorted(set(np.unique(parts)) - set(PARTS))
+    unknown = sorted(str(v) for v in set(np.unique(parts)) - set(PARTS))
     if unknown:
         row = int(np.flatnonzero(~np.isin(parts, PARTS))[0])
         raise ValueError(f"split column {column!r} holds {unknown[:5]} (first at row {row} in "
