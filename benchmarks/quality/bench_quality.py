@@ -14,6 +14,7 @@ benchmark resumes), and the table in ``README.md`` is rewritten from those recor
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import shlex
@@ -44,7 +45,9 @@ def load_results() -> list[dict]:
 
 
 def append_result(record: dict) -> None:
-    with _lock:
+    """Add one record; a file lock lets two drivers (say, two data sets) share the file."""
+    with _lock, open(RESULTS.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         records = [*load_results(), record]
         tmp = RESULTS.with_suffix(".tmp")
         tmp.write_text(json.dumps(records, indent=1) + "\n")
