@@ -102,8 +102,8 @@ def run_one(system: System, dataset: str, split: Path, phase: str, settings: dic
 
 
 def bench(system: System, dataset: str, split: Path, args: argparse.Namespace) -> None:
-    budget = {"max_epochs": args.max_epochs, "eval_every": args.eval_every,
-              "patience": args.patience}
+    budget = {"max_epochs": args.max_epochs * system.epoch_scale,
+              "eval_every": args.eval_every * system.epoch_scale, "patience": args.patience}
     settings = [{**system.fixed, **s} for s in system.grid]
     with ThreadPoolExecutor(args.jobs) as pool:
         valid = list(pool.map(lambda s: run_one(system, dataset, split, "valid", s, 0, budget,

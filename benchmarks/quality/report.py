@@ -52,8 +52,10 @@ def table(records: list[dict], not_run: dict[str, str]) -> str:
                     reason += f"; {len(valid)} valid settings done"
                 lines.append(f"| {dataset} | {system} | not run ({reason}) |" + " |" * 9)
                 continue
-            chosen = test[-1]["settings"]
-            test = [r for r in test if r["settings"] == chosen]
+            # The latest test setting and budget; earlier budgets stay in results.json only.
+            chosen, budget = test[-1]["settings"], test[-1]["budget"]
+            test = [r for r in test if (r["settings"], r["budget"]) == (chosen, budget)]
+            valid = [r for r in valid if r["budget"] == budget]
             best = max((r for r in valid if {**r["settings"], "epochs": r["best_epoch"]} == chosen),
                        key=lambda r: r["metrics"]["recall@50"], default=None)
             valid_r50 = f" ({100 * best['metrics']['recall@50']:.2f})" if best else ""

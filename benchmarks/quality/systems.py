@@ -25,6 +25,10 @@ class System:
     venv: str | None             # environment name in venvs.REQUIREMENTS (None: this Python)
     grid: list[dict]             # settings tried on valid
     fixed: dict = field(default_factory=dict)  # settings shared by the whole grid
+    # Multiplies the epoch cap and the check interval, for a system whose epochs are tiny
+    # steps: implicit's BPR is one SGD sample per event (about a second an epoch here) and
+    # needs on the order of its default 100 iterations, so it is checked every 20.
+    epoch_scale: int = 1
 
 
 SYSTEMS = {s.name: s for s in [
@@ -33,7 +37,7 @@ SYSTEMS = {s.name: s for s in [
            grid(factors=[64, 128], regularization=[0.01, 0.1]), {"model": "als"}),
     System("implicit-bpr", "run_implicit.py", "implicit",
            grid(factors=[64, 128], learning_rate=[0.01, 0.05]),
-           {"model": "bpr", "regularization": 0.01}),
+           {"model": "bpr", "regularization": 0.01}, epoch_scale=10),
     System("tfrs", "run_tfrs.py", "tfrs", grid(dim=[32, 64], learning_rate=[0.05, 0.2]),
            {"logq": False, "batch_size": 1024}),
     System("tfrs-logq", "run_tfrs.py", "tfrs", grid(dim=[32, 64], learning_rate=[0.05, 0.2]),
