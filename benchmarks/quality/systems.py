@@ -1,0 +1,48 @@
+"""The systems compared, each with its runner script, environment and validation grid.
+
+Every system gets the same budget: at most four settings on ``valid`` (a learning rate or
+regularisation crossed with a dimension or dropout), each trained with the same epoch cap,
+check interval and patience. Adding a system is one runner file (see ``runner_lib.py``)
+and one entry here.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+
+def grid(**axes: list) -> list[dict]:
+    """Every combination of the axes' values, as settings dicts."""
+    names = list(axes)
+    return [dict(zip(names, values, strict=True)) for values in itertools.product(*axes.values())]
+
+
+@dataclass(frozen=True)
+class System:
+    name: str
+    script: str                  # runner file in this directory
+    venv: str | None             # environment name in venvs.REQUIREMENTS (None: this Python)
+    grid: list[dict]             # settings tried on valid
+    fixed: dict = field(default_factory=dict)  # settings shared by the whole grid
+    # Multiplies the epoch cap and the check interval, for a system whose epochs are tiny
+    # steps: implicit's BPR is one SGD sample per event (about a second an epoch here) and
+    # needs on the order of its default 100 iterations, so it is checked every 20.
+    epoch_scale: int = 1
+
+
+SYSTEMS = {s.name: s for s in [
+    System("mostpop", "run_mostpop.py", None, [{}]),
+    System("implicit-als", "run_implicit.py", "implicit",
+           grid(factors=[64, 128], regularization=[0.01, 0.1]), {"model": "als"}),
+    System("implicit-bpr", "run_implicit.py", "implicit",
+           grid(factors=[64, 128], learning_rate=[0.01, 0.05]),
+           {"model": "bpr", "regularization": 0.01}, epoch_scale=10),
+    System("tfrs", "run_tfrs.py", "tfrs", grid(dim=[32, 64], learning_rate=[0.05, 0.2]),
+           {"logq": False, "batch_size": 1024}),
+    System("tfrs-logq", "run_tfrs.py", "tfrs", grid(dim=[32, 64], learning_rate=[0.05, 0.2]),
+           {"logq": True, "batch_size": 1024}),
+    System("recbole-sasrec", "run_recbole_sasrec.py", "recbole",
+           grid(learning_rate=[0.001, 0.003], dropout=[0.2, 0.5]),
+           {"hidden_size": 64, "batch_size": 2048}),
+]}
