@@ -42,6 +42,10 @@ SYSTEMS = {s.name: s for s in [
            {"logq": False, "batch_size": 1024}),
     System("tfrs-logq", "run_tfrs.py", "tfrs", grid(dim=[32, 64], learning_rate=[0.05, 0.2]),
            {"logq": True, "batch_size": 1024}),
+    # twotower through its own command line (run_twotower.py), with the driver's Python:
+    # the defaults, with and without mixed negatives (half the peers' four settings).
+    System("twotower", "run_twotower.py", None, grid(mixed_negatives=[0, 1024]),
+           {"lr": 0.005}),
     System("recbole-sasrec", "run_recbole_sasrec.py", "recbole",
            grid(learning_rate=[0.001, 0.003], dropout=[0.2, 0.5]),
            {"hidden_size": 64, "batch_size": 2048}),
