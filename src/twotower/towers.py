@@ -41,6 +41,11 @@ class ModelConfig:
             raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        # A zero width makes a tower whose output ignores its input (it trains, uselessly).
+        for side, widths in (("query_hidden", self.query_hidden),
+                             ("item_hidden", self.item_hidden), ("output_dim", [self.output_dim])):
+            if any(w < 1 for w in widths):
+                raise ValueError(f"{side}: every width must be >= 1, got {widths}")
         for side, features in (("query", self.query_features), ("item", self.item_features)):
             if not features:
                 raise ValueError(f"the {side} tower needs at least one feature")
