@@ -22,3 +22,29 @@ def test_a_csv_id_list_column_is_read_as_lists_of_ids(tmp_path):
     items, _ = read_items(schema)
     assert items.column("genres").to_pylist() == [["a", "b", "c"], [], [], ["d", "e"]]
     assert items.column("title").to_pylist() == ["x|y", "z", "w", "v"]  # an id stays text
+
+
+def test_a_symlink_loop_in_an_events_directory_is_refused_naming_the_link(tmp_path):
+    """pyarrow follows a link to the directory itself and read each file ~40 times over."""
+    import pyarrow.parquet as pq
+    import pytest
+
+    from twotower.data.sources import events_dataset
+    from twotower.follow import _read_partition
+
+    events = tmp_path / "events"
+    events.mkdir()
+    pq.write_table(pa.table({"user_id": [1, 2], "item_id": [3, 4], "timestamp": [5, 6]}),
+                   events / "part-0.parquet")
+    schema = parse_schema({
+        "events": {"path": str(events)}, "items": {"path": "items.parquet"},
+        "query_features": [{"name": "user_id", "kind": "id"}],
+        "item_features": [{"name": "item_id", "kind": "id"}]})
+    assert events_dataset(schema).count_rows() == 2
+    assert _read_partition(events).num_rows == 2
+    (events / "again").symlink_to(events, target_is_directory=True)
+    message = r"part-0\.parquet again, reached through a symbolic link"
+    with pytest.raises(ValueError, match=rf"events {events}: .*again.*{message}"):
+        events_dataset(schema)
+    with pytest.raises(ValueError, match=rf"partition {events}: .*{message}"):
+        _read_partition(events)

@@ -8,6 +8,7 @@ its feature kind can use.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,7 +19,25 @@ from twotower.data.interactions import Interactions, lists_from_text, load_inter
 from twotower.data.schema import FeatureConfig, Schema
 
 __all__ = ["check_features", "event_columns", "events_dataset", "load", "read_items",
-           "read_tables"]
+           "read_tables", "refuse_repeated_files"]
+
+
+def refuse_repeated_files(dataset: ds.Dataset, location: Path, what: str) -> ds.Dataset:
+    """``dataset``, once no file of it is another one reached again through a link.
+
+    pyarrow follows symbolic links inside a directory: a link to the directory itself
+    (or to a parent) made it read the same files some forty times over, and training went
+    on, silently, on every event forty times.
+    """
+    seen: dict[str, str] = {}
+    for name in dataset.files:
+        real = os.path.realpath(name)
+        if real in seen:
+            raise ValueError(f"{what} {location}: {name} is {seen[real]} again, reached "
+                             "through a symbolic link (a loop or a second link to the same "
+                             "file): its rows would be read twice; remove the link")
+        seen[real] = name
+    return dataset
 
 
 def _dataset(path: str, what: str) -> ds.Dataset:
@@ -36,7 +55,7 @@ def _dataset(path: str, what: str) -> ds.Dataset:
         raise ValueError(f"{what} {location}: cannot read as {file_format}: {error}") from None
     if dataset.count_rows() == 0:
         raise ValueError(f"{what} file {location} has no rows")
-    return dataset
+    return refuse_repeated_files(dataset, location, what)
 
 
 def events_dataset(schema: Schema) -> ds.Dataset:
