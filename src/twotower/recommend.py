@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import reprlib
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -395,29 +396,51 @@ def _list_column(column: pa.ChunkedArray, name: str, where: str, first_row: int)
     return Bag(np.concatenate(lists) if lists else np.zeros(0, np.int64), offsets)
 
 
-def read_queries(path: str | Path, batch_size: int = 1024) -> Iterator[pa.Table]:
-    """Record batches of a Parquet, CSV or JSON lines file of queries, ``batch_size`` rows each."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+STDIN = "-"  # the queries path that names standard input (JSON lines)
+
+
+def _query_source(path: str | Path) -> tuple[object, str]:
+    """``(what pyarrow reads, the format's suffix)`` of a queries path.
+
+    pyarrow seeks in a file it opens by name: a pipe (``/dev/stdin``, a FIFO) failed
+    with a traceback ("lseek failed"). Standard input (``-``, JSON lines) and any file
+    that is not a regular one are read into memory first, as a whole file is anyway.
+    """
+    import pyarrow as pa
+
+    if str(path) == STDIN:
+        return pa.BufferReader(sys.stdin.buffer.read()), ".jsonl"
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"queries file not found: {path}")
     suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".json", ".ndjson", ".csv", ".parquet", ".pq"):
+        raise ValueError(f"queries file {path}: unknown format {suffix!r}; use .parquet, "
+                         f".csv or .jsonl, or {STDIN} for JSON lines on standard input")
+    if path.is_file() or path.is_dir():
+        return path, suffix
+    with open(path, "rb") as f:
+        return pa.BufferReader(f.read()), suffix
+
+
+def read_queries(path: str | Path, batch_size: int = 1024) -> Iterator[pa.Table]:
+    """Record batches of a Parquet, CSV or JSON lines file of queries, ``batch_size`` rows
+    each; ``-`` reads JSON lines from standard input."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    source, suffix = _query_source(path)
     if suffix in (".jsonl", ".json", ".ndjson"):
         import pyarrow.json as pjson
 
-        table = pjson.read_json(path)
+        table = pjson.read_json(source)
     elif suffix == ".csv":
         import pyarrow.csv as pcsv
 
-        table = pcsv.read_csv(path)
-    elif suffix in (".parquet", ".pq"):
+        table = pcsv.read_csv(source)
+    else:
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
-    else:
-        raise ValueError(f"queries file {path}: unknown format {suffix!r}; use .parquet, "
-                         ".csv or .jsonl")
+        table = pq.read_table(source)
     for start in range(0, table.num_rows, batch_size):
         yield table.slice(start, batch_size)
 
