@@ -48,3 +48,28 @@ def test_a_symlink_loop_in_an_events_directory_is_refused_naming_the_link(tmp_pa
         events_dataset(schema)
     with pytest.raises(ValueError, match=rf"partition {events}: .*{message}"):
         _read_partition(events)
+
+
+def test_a_csv_line_over_the_readers_block_is_an_error_naming_the_file(tmp_path):
+    """pyarrow's message alone ("straddling object straddles two block boundaries") named
+    neither the file nor the cause."""
+    import pyarrow.parquet as pq
+    import pytest
+
+    from twotower.data.sources import load
+    from twotower.data.streaming import EventStream
+
+    events = tmp_path / "events.csv"
+    rows = "".join(f"{u},{u % 7},{u}\n" for u in range(100))
+    events.write_text("user_id,item_id,timestamp\n" + rows[:40] + "9" * 3_000_000 + ",1,2\n"
+                      + rows[40:])
+    pq.write_table(pa.table({"item_id": list(range(7))}), tmp_path / "items.parquet")
+    schema = parse_schema({
+        "events": {"path": str(events)}, "items": {"path": str(tmp_path / "items.parquet")},
+        "query_features": [{"name": "user_id", "kind": "id"}],
+        "item_features": [{"name": "item_id", "kind": "id"}]})
+    message = rf"events {events}.*: cannot read: .*a CSV line longer than 1 MiB"
+    with pytest.raises(ValueError, match=message):
+        load(schema)
+    with pytest.raises(ValueError, match=message):
+        EventStream(schema)
