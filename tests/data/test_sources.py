@@ -73,3 +73,25 @@ def test_a_csv_line_over_the_readers_block_is_an_error_naming_the_file(tmp_path)
         load(schema)
     with pytest.raises(ValueError, match=message):
         EventStream(schema)
+
+
+def test_a_nul_character_in_an_id_is_an_error_naming_the_row(tmp_path):
+    """One NUL in a CSV file turned its whole user column into text: every integer id was
+    hashed as text, unlike the integers a client sends, and training went on."""
+    import pyarrow.parquet as pq
+    import pytest
+
+    from twotower.data.sources import load
+
+    rows = [f"{u},{u % 7},{u}" for u in range(100)]
+    rows[37] = rows[37].replace(",", "\0,", 1)
+    events = tmp_path / "events.csv"
+    events.write_text("user_id,item_id,timestamp\n" + "\n".join(rows) + "\n")
+    pq.write_table(pa.table({"item_id": list(range(7))}), tmp_path / "items.parquet")
+    schema = parse_schema({
+        "events": {"path": str(events)}, "items": {"path": str(tmp_path / "items.parquet")},
+        "query_features": [{"name": "user_id", "kind": "id"}],
+        "item_features": [{"name": "item_id", "kind": "id"}]})
+    with pytest.raises(ValueError, match=rf"events {events}: column 'user_id' row 37 holds a "
+                                         r"NUL character \('37\\x00'\)"):
+        load(schema)
