@@ -182,3 +182,37 @@ def test_recommend_from_the_model_alone_equals_an_exact_index(artifacts, tmp_pat
     assert len(exact) == 50 and all(len(r["items"]) == 20 for r in exact)
     assert main(["recommend", str(model), "--items", str(items), "--index", str(index),
                  "--queries", str(queries)]) == 2
+
+
+def test_recommend_reads_queries_from_standard_input_and_from_a_pipe(artifacts, tmp_path):
+    """``--queries /dev/stdin`` was an unknown format and a FIFO a traceback (pyarrow seeks
+    in the files it opens); ``-`` is JSON lines on standard input."""
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    model, _, index = artifacts
+    lines = "".join(json.dumps({"user_id": u, "history": [u, u + 1]}) + "\n" for u in range(5))
+    plain = tmp_path / "q.jsonl"
+    plain.write_text(lines)
+    expected = tmp_path / "expected.jsonl"
+    assert main(["recommend", str(model), "--index", str(index), "--queries", str(plain),
+                 "--out", str(expected)]) == 0
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    piped = subprocess.run(
+        [sys.executable, "-m", "twotower", "recommend", str(model), "--index", str(index),
+         "--queries", "-"], input=lines.encode(), capture_output=True, env=env, timeout=120)
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout.decode() == expected.read_text()
+
+    fifo = tmp_path / "fifo.jsonl"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=fifo.write_text, args=(lines,))
+    writer.start()
+    out = tmp_path / "out.jsonl"
+    assert main(["recommend", str(model), "--index", str(index), "--queries", str(fifo),
+                 "--out", str(out)]) == 0
+    writer.join()
+    assert out.read_text() == expected.read_text()

@@ -164,6 +164,22 @@ def test_dropout_outside_zero_to_one_is_an_error_naming_it(dropout):
         make_config(dropout=dropout)
 
 
+@pytest.mark.parametrize(("field", "value"), [("query_hidden", [16, 0]), ("item_hidden", [-3]),
+                                              ("output_dim", 0)])
+def test_a_layer_width_below_one_is_an_error_naming_it(field, value):
+    """A width of 0 once trained a model whose output ignored its input; -3 a traceback."""
+    with pytest.raises(ValueError, match=rf"{field}: every width must be >= 1, got"):
+        make_config(**{field: value})
+
+
+def test_a_table_too_large_for_memory_is_an_error_naming_it():
+    """``buckets: 10000000000000`` in a schema was a traceback from torch's allocator."""
+    config = make_config(tables={"item": TableSpec(10**13, 4), "user": TableSpec(32, 3)})
+    with pytest.raises(ValueError, match=r"table 'item': 10,000,000,000,000 buckets x 4 dims "
+                                         r"\(149,011\.6 GiB\) do not fit in memory"):
+        TwoTowerModel(config)
+
+
 def test_config_without_dropout_or_length_still_loads(tmp_path):
     import shutil
 

@@ -156,3 +156,48 @@ def test_more_epochs_on_a_validated_run_go_on_validating_as_a_longer_run(schema,
     assert_same_model(tmp_path / "four", tmp_path / "two")  # the best epoch of four, kept
     logged = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in logged if r.get("event") == "validation"] == [1, 2, 3, 4]
+
+
+def test_a_second_trainer_on_a_directory_being_written_stops_at_once(schema, tmp_path,
+                                                                     capsys):
+    """Two trainers on one --out both ran to the end, their metrics logs interleaved in one
+    file; with --overwrite the second would remove the first one's run under it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "m"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"),
+           "OMP_NUM_THREADS": "1"}
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "twotower", "train", "--follow", str(schema.parent / "events"),
+         "--items", str(schema.parent / "items.parquet"), "--out", str(out), "--poll", "0.1",
+         "--batch-size", "128", "--quiet"], env=env)
+    try:
+        for _ in range(600):  # until it has trained on both files and waits for more
+            if len(checkpoint_dirs(out) if out.exists() else []) == 2 or follower.poll():
+                break
+            time.sleep(0.1)
+        assert follower.poll() is None and len(checkpoint_dirs(out)) == 2
+        written = sorted(p.name for p in out.iterdir())
+        metrics = (out / "metrics.jsonl").read_bytes()
+        capsys.readouterr()
+        for flags in ((), ("--overwrite",)):
+            assert train(schema, out, "--epochs", "1", *flags) == 2
+            err = capsys.readouterr().err
+            assert f"{out} is being written by another training run" in err
+            assert sorted(p.name for p in out.iterdir()) == written
+            assert (out / "metrics.jsonl").read_bytes() == metrics
+    finally:
+        follower.send_signal(signal.SIGTERM)
+        follower.wait(timeout=60)
+    assert train(schema, out, "--epochs", "1", "--overwrite") == 0  # the lock was let go
+
+
+def test_a_run_that_fails_before_writing_leaves_no_directory_or_lock(tmp_path, capsys):
+    out = tmp_path / "m"
+    assert main(["train", "--events", str(tmp_path / "none.parquet"), "--items",
+                 str(tmp_path / "none.parquet"), "--out", str(out)]) == 2
+    assert "none.parquet" in capsys.readouterr().err and not out.exists()

@@ -8,6 +8,10 @@ starts a timer when a connection opens or a request begins and stops it once the
 has fully arrived; if it fires first, the client gets a 408 and the connection is closed.
 Answering takes its own, separate limit (``Limits.timeout_s``).
 
+Within that time a client on a fast link could still send hundreds of megabytes of
+headers, which httptools keeps in memory until the headers end: a request whose headers
+pass ``max_head_bytes`` gets a 431 and the connection is closed.
+
 Imported only by :func:`twotower.serve.serve`; it needs uvicorn with httptools
 (``uvicorn[standard]``, in ``twotower[serve]``).
 """
@@ -25,11 +29,24 @@ _TIMEOUT = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=
             b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_MESSAGE), _MESSAGE))
 
 
-def arrival_deadline_protocol(seconds: float) -> type[asyncio.Protocol]:
-    """uvicorn's httptools protocol, closing requests not received within ``seconds``."""
+def _too_large(limit: int) -> bytes:
+    message = b"the request line and headers are over the limit of %d bytes\n" % limit
+    return (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; "
+            b"charset=utf-8\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
+            % (len(message), message))
+
+
+def arrival_deadline_protocol(seconds: float,
+                              max_head_bytes: int = 32 * 1024) -> type[asyncio.Protocol]:
+    """uvicorn's httptools protocol, closing requests not received within ``seconds`` or
+    whose request line and headers pass ``max_head_bytes`` (give or take one read)."""
+    too_large = _too_large(max_head_bytes)
 
     class ArrivalDeadline(HttpToolsProtocol):
         _deadline: asyncio.TimerHandle | None = None
+        _in_head = False  # a request has begun and its headers have not all arrived
+        _head_began = False  # ... and it began in the bytes being parsed now
+        _head_bytes = 0
 
         def _start(self) -> None:
             if self._deadline is None:
@@ -54,7 +71,25 @@ def arrival_deadline_protocol(seconds: float) -> type[asyncio.Protocol]:
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
+            self._in_head = self._head_began = True
             self._start()
+
+        def on_headers_complete(self) -> None:
+            self._in_head = False
+            super().on_headers_complete()
+
+        def data_received(self, data: bytes) -> None:
+            self._head_began = False
+            super().data_received(data)
+            if not self._in_head or self.transport.is_closing():
+                return
+            # Bytes of a head that began in this read are not counted (part of them may
+            # end the previous request): the bound is the limit plus one read.
+            self._head_bytes = 0 if self._head_began else self._head_bytes + len(data)
+            if self._head_bytes > max_head_bytes:
+                self._stop()
+                self.transport.write(too_large)
+                self.transport.close()
 
         def on_message_complete(self) -> None:
             self._stop()

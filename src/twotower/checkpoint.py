@@ -26,13 +26,14 @@ truncated or altered checkpoint is an error, never loaded.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -303,6 +304,62 @@ def remove_run(directory: str | Path) -> None:
             shutil.rmtree(path)
         else:
             path.unlink()
+
+
+LOCK = ".lock"  # held by the run writing a directory; never counted as part of a run
+
+
+class RunLocked(ValueError):
+    """Another training run is writing the directory."""
+
+
+def _open_lock(directory: Path) -> int | None:
+    """A descriptor of ``directory``'s lock file, locked; ``None`` if another run holds it."""
+    import fcntl
+
+    for _ in range(10):  # the file may be removed between opening and locking it
+        fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(directory / LOCK)):
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    return None
+
+
+@contextlib.contextmanager
+def run_lock(directory: str | Path) -> Iterator[None]:
+    """Hold ``directory``'s lock while a run writes into it.
+
+    Two trainers given the same ``--out`` both ran to the end: their metrics logs were
+    interleaved in one file, each published over the other and the checkpoints of both
+    stood side by side. The second now stops at once, naming the directory. A directory
+    created here that the run left empty is removed again.
+    """
+    directory = Path(directory)
+    created = not directory.exists()
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"{directory} exists and is not a directory")
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = _open_lock(directory)
+    if fd is None:
+        raise RunLocked(f"{directory} is being written by another training run (it holds "
+                        f"{directory / LOCK}): wait for that run to end, or give another "
+                        "--out")
+    try:
+        yield
+    finally:
+        if created and not run_files(directory):
+            (directory / LOCK).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # not empty: something else was put there
+                directory.rmdir()
+        os.close(fd)
 
 
 class CheckpointError(ValueError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -216,7 +217,7 @@ def _train(args: argparse.Namespace) -> int:
 
     if args.nproc > 1 and "RANK" not in os.environ:  # start the workers, each runs this
         return launch(args.argv, args.nproc)
-    init_from_env(args.device)
+    world = init_from_env(args.device)
     import torch
 
     # One by default: the towers are small and the tables sparse, so a step gains little
@@ -225,16 +226,20 @@ def _train(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     if not (args.out or args.resume):
         raise ValueError("say where to write the model: --out MODEL_DIR")
-    if not args.follow:
-        _claim_out(args)
-    try:
-        if args.follow:
-            status = _follow(args)
-        else:
-            status = _resume(args) if args.resume else _train_new(args)
-    except TrainingStopped as stopped:
-        print(f"twotower train: {stopped}", file=sys.stderr)
-        status = 130
+    from twotower.checkpoint import run_lock
+
+    # The main process holds the lock: the others write nothing into the directory.
+    with run_lock(args.out or args.resume) if world.main else contextlib.nullcontext():
+        if not args.follow:
+            _claim_out(args)
+        try:
+            if args.follow:
+                status = _follow(args)
+            else:
+                status = _resume(args) if args.resume else _train_new(args)
+        except TrainingStopped as stopped:
+            print(f"twotower train: {stopped}", file=sys.stderr)
+            status = 130
     leave()  # every worker got here after the same last step
     return status
 

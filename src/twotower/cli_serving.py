@@ -123,7 +123,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--items", help="instead of an index: embed this items table and search "
                    "it exactly (no `twotower index` needed)")
     p.add_argument("--queries", required=True,
-                   help="queries (Parquet, CSV or JSON lines) with the model's query features")
+                   help="queries (Parquet, CSV or JSON lines; - for JSON lines on standard "
+                   "input) with the model's query features")
     p.add_argument("--out", default="-",
                    help="JSON lines output, written atomically (default: stdout)")
     p.add_argument("-k", "--k", type=at_least(1), default=10, help="items per query")

@@ -24,6 +24,7 @@ import pyarrow.dataset as ds
 import torch.distributed as dist
 
 from twotower.data.interactions import Columns, load_interactions, read_table
+from twotower.data.sources import refuse_repeated_files
 from twotower.experiment import Prepared, prepare, score
 from twotower.hashing import to_int64_ids
 from twotower.towers import ModelConfig
@@ -52,7 +53,8 @@ def _read_partition(path: Path) -> pa.Table:
              and not f.name.startswith((".", "_"))]
     if not files:
         raise FileNotFoundError(f"partition {path} holds no .parquet or .csv files")
-    return ds.dataset(path, format=files[0].suffix[1:]).to_table()
+    dataset = ds.dataset(path, format=files[0].suffix[1:])
+    return refuse_repeated_files(dataset, path, "partition").to_table()
 
 
 class GrowingLog:

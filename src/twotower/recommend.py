@@ -12,7 +12,9 @@ candidates and dropping them, the penalty rides in the query vector (see
 from __future__ import annotations
 
 import json
+import os
 import reprlib
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,25 +130,39 @@ def _history_features(model: TwoTowerModel, config: Mapping) -> list[str]:
             if f.kind in LIST_KINDS and f.table_name in tables]
 
 
-def _last_records(path: Path, limit: int | None = None) -> dict[str, dict]:
+METRICS_TAIL = 1 << 20  # bytes of a metrics log's end looked through for its last records
+
+
+def _last_records(path: Path, limit: int | None = None,
+                  tail: int = METRICS_TAIL) -> dict[str, dict]:
     """The last training record and the last evaluation record of a metrics log, within
     its first ``limit`` bytes (what was logged when the model was published).
 
     Only complete lines are read (a trainer may be appending one right now), and a line
     that is not a JSON object is passed over: this is a report, not a check of the log.
+    Only the last ``tail`` bytes are looked through, newest line first: a long run's log
+    reaches gigabytes, and reading all of it took seconds for every ``GET /v1/model``.
     """
     found: dict[str, dict] = {}
-    if path.exists():
+    try:
         with open(path, "rb") as f:
-            text = f.read(-1 if limit is None else limit)
-        *complete, _ = text.split(b"\n")
-        for line in complete:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
-                found["eval" if record.get("event") == "eval" else "train"] = record
+            size = os.fstat(f.fileno()).st_size
+            end = size if limit is None else min(limit, size)
+            start = max(0, end - tail)
+            f.seek(start)
+            lines = f.read(end - start).split(b"\n")
+    except FileNotFoundError:  # none yet, or removed by a new run right now
+        return found
+    lines.pop()  # after the last newline: a line being written, or nothing
+    for line in reversed(lines[1:] if start else lines):  # from the middle, the first is cut
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            found.setdefault("eval" if record.get("event") == "eval" else "train", record)
+            if len(found) == 2:
+                break
     return found
 
 
@@ -168,6 +184,7 @@ class Recommender:
         self.specs: list[FeatureSpec] = list(model.config.query_features)
         self.fields = {s.name for s in self.specs} | {s.weights for s in self.specs if s.weights}
         self.history_features = _history_features(model, self.config)
+        self._metrics: tuple[tuple, dict] | None = None  # (the log's stat, its last records)
 
     @classmethod
     def load(cls, model_dir: str | Path, index_dir: str | Path) -> Recommender:
@@ -315,15 +332,27 @@ class Recommender:
                                           .round(6).tolist()))
         return results
 
+    def _last_metrics(self) -> dict[str, dict]:
+        """:func:`_last_records` of the model's metrics log, read again only once the log
+        or the published model has changed (``/v1/model`` is asked often)."""
+        path = Path(self.model_dir) / METRICS
+        try:
+            stat = path.stat()
+            seen = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        except FileNotFoundError:
+            seen = ()
+        key = (seen, published_metrics_bytes(self.model_dir))
+        if self._metrics is None or self._metrics[0] != key:
+            self._metrics = (key, _last_records(path, key[1]))
+        return self._metrics[1]
+
     def describe(self) -> dict:
         """What the service reports at ``/v1/model``: versions, corpus, index, metrics.
 
         No paths: a client has no business knowing the server's file layout.
         """
         config = self.model.config
-        metrics = _last_records(Path(self.model_dir) / METRICS,
-                                published_metrics_bytes(self.model_dir)) \
-            if self.model_dir else {}
+        metrics = self._last_metrics() if self.model_dir else {}
         index = self.index.describe()
         info = index["info"] if isinstance(index["info"], dict) else {}
         index["info"] = {key: info.get(key) for key in ("model_fingerprint", "model_versions")}
@@ -367,29 +396,51 @@ def _list_column(column: pa.ChunkedArray, name: str, where: str, first_row: int)
     return Bag(np.concatenate(lists) if lists else np.zeros(0, np.int64), offsets)
 
 
-def read_queries(path: str | Path, batch_size: int = 1024) -> Iterator[pa.Table]:
-    """Record batches of a Parquet, CSV or JSON lines file of queries, ``batch_size`` rows each."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+STDIN = "-"  # the queries path that names standard input (JSON lines)
+
+
+def _query_source(path: str | Path) -> tuple[object, str]:
+    """``(what pyarrow reads, the format's suffix)`` of a queries path.
+
+    pyarrow seeks in a file it opens by name: a pipe (``/dev/stdin``, a FIFO) failed
+    with a traceback ("lseek failed"). Standard input (``-``, JSON lines) and any file
+    that is not a regular one are read into memory first, as a whole file is anyway.
+    """
+    import pyarrow as pa
+
+    if str(path) == STDIN:
+        return pa.BufferReader(sys.stdin.buffer.read()), ".jsonl"
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"queries file not found: {path}")
     suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".json", ".ndjson", ".csv", ".parquet", ".pq"):
+        raise ValueError(f"queries file {path}: unknown format {suffix!r}; use .parquet, "
+                         f".csv or .jsonl, or {STDIN} for JSON lines on standard input")
+    if path.is_file() or path.is_dir():
+        return path, suffix
+    with open(path, "rb") as f:
+        return pa.BufferReader(f.read()), suffix
+
+
+def read_queries(path: str | Path, batch_size: int = 1024) -> Iterator[pa.Table]:
+    """Record batches of a Parquet, CSV or JSON lines file of queries, ``batch_size`` rows
+    each; ``-`` reads JSON lines from standard input."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    source, suffix = _query_source(path)
     if suffix in (".jsonl", ".json", ".ndjson"):
         import pyarrow.json as pjson
 
-        table = pjson.read_json(path)
+        table = pjson.read_json(source)
     elif suffix == ".csv":
         import pyarrow.csv as pcsv
 
-        table = pcsv.read_csv(path)
-    elif suffix in (".parquet", ".pq"):
+        table = pcsv.read_csv(source)
+    else:
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
-    else:
-        raise ValueError(f"queries file {path}: unknown format {suffix!r}; use .parquet, "
-                         ".csv or .jsonl")
+        table = pq.read_table(source)
     for start in range(0, table.num_rows, batch_size):
         yield table.slice(start, batch_size)
 

@@ -17,7 +17,8 @@ The HTTP layer only checks requests and shapes answers; ranking is
   a body not sent as JSON a 415, anything else wrong (unknown or missing features, wrong
   types, ``k`` or a batch over its limit) a 422 whose ``loc`` names the field.
 - Bounded waiting: a request's headers and body must arrive within
-  ``request_timeout_s`` (:mod:`twotower.arrival`), or the client gets a 408.
+  ``request_timeout_s`` (:mod:`twotower.arrival`), or the client gets a 408; headers
+  over ``max_head_bytes`` get a 431.
 
 fastapi and uvicorn are imported only here (``pip install 'twotower[serve]'``).
 """
@@ -91,6 +92,7 @@ class Limits:
     max_wait_ms: float = 1.0
     timeout_s: float = 30.0  # for an answer, once the request has arrived
     request_timeout_s: float = 10.0  # for a request's headers and body to arrive
+    max_head_bytes: int = 32 * 1024  # request line and headers (served by ``serve``)
 
 
 class MicroBatcher:
@@ -460,4 +462,5 @@ def serve(model_dir: str, index_dir: str, host: str = "127.0.0.1", port: int = 8
     app = create_app(Recommender.load(model_dir, index_dir), limits, reload_token,
                      reload_on_sighup=True, allowed_hosts=answered_hosts(host, allowed_hosts))
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False,
-                http=arrival_deadline_protocol(limits.request_timeout_s), ws="none")
+                http=arrival_deadline_protocol(limits.request_timeout_s, limits.max_head_bytes),
+                ws="none")

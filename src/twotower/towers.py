@@ -41,6 +41,11 @@ class ModelConfig:
             raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        # A zero width makes a tower whose output ignores its input (it trains, uselessly).
+        for side, widths in (("query_hidden", self.query_hidden),
+                             ("item_hidden", self.item_hidden), ("output_dim", [self.output_dim])):
+            if any(w < 1 for w in widths):
+                raise ValueError(f"{side}: every width must be >= 1, got {widths}")
         for side, features in (("query", self.query_features), ("item", self.item_features)):
             if not features:
                 raise ValueError(f"the {side} tower needs at least one feature")
@@ -129,6 +134,20 @@ class Tower(nn.Module):
         return F.normalize(out, dim=1) if self.normalize else out
 
 
+def _table(name: str, spec: TableSpec) -> nn.EmbeddingBag:
+    """An embedding table; one too large for memory is an error naming it and its size
+    (``buckets: 10000000000000`` in a schema was a traceback from torch's allocator)."""
+    try:
+        return nn.EmbeddingBag(spec.num_buckets, spec.dim, mode="sum")
+    except (RuntimeError, MemoryError) as error:  # torch: RuntimeError "can't allocate"
+        if isinstance(error, RuntimeError) and "alloc" not in str(error):
+            raise
+        size = spec.num_buckets * spec.dim * 4
+        raise ValueError(f"table {name!r}: {spec.num_buckets:,} buckets x {spec.dim} dims "
+                         f"({size / 2**30:,.1f} GiB) do not fit in memory; give it fewer "
+                         "buckets (or `buckets: auto`)") from None
+
+
 class TwoTowerModel(nn.Module):
     """Query and item towers over shared, hashed embedding tables.
 
@@ -139,10 +158,7 @@ class TwoTowerModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.tables = nn.ModuleDict({
-            name: nn.EmbeddingBag(t.num_buckets, t.dim, mode="sum")
-            for name, t in config.tables.items()
-        })
+        self.tables = nn.ModuleDict({name: _table(name, t) for name, t in config.tables.items()})
         for table in self.tables.values():
             nn.init.normal_(table.weight, std=0.05)
         self.query_tower = Tower(config.query_features, config.tables, config.query_hidden,

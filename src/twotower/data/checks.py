@@ -53,10 +53,25 @@ def column(table: pa.Table | pa.RecordBatch, name: str, where: str,
     return values
 
 
+def _no_nul(values: pa.ChunkedArray | pa.Array, name: str, where: str, first_row: int) -> None:
+    """A NUL character is in no real id, and one in a CSV file turned its whole column into
+    text: every user's integer id was then hashed as text, unlike the integers a client
+    sends, and training went on with nothing said."""
+    if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+        return
+    found = pc.match_substring(values, "\x00").to_numpy(zero_copy_only=False)
+    if found.any():
+        row = int(np.flatnonzero(found)[0])
+        raise ValueError(f"{where}: column {name!r} row {first_row + row} holds a NUL "
+                         f"character ({values[row].as_py()!r}): a damaged file? Remove it")
+
+
 def ids(table: pa.Table | pa.RecordBatch, name: str, where: str, first_row: int = 0) -> np.ndarray:
-    """An id column (integers or strings) as ``int64`` keys."""
+    """An id column (integers or strings, no NUL characters) as ``int64`` keys."""
+    values = column(table, name, where, first_row)
+    _no_nul(values, name, where, first_row)
     try:
-        return to_int64_ids(column(table, name, where, first_row))
+        return to_int64_ids(values)
     except TypeError as error:
         raise TypeError(f"{where}: column {name!r}: {error}") from None
 

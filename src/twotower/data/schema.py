@@ -135,7 +135,8 @@ class ModelSettings(_Strict):
     """Tower shapes and temperature; ``dim`` is the default width of every table."""
 
     dim: int = Field(default=32, ge=1)
-    hidden: list[int] = Field(default_factory=lambda: [256])
+    # A width of 0 trains a tower whose output ignores its input; one below 0 cannot be built.
+    hidden: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [256])
     output_dim: int = Field(default=64, ge=1)
     normalize: bool = True
     temperature: float = Field(default=0.05, gt=0)

@@ -8,6 +8,7 @@ its feature kind can use.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,7 +19,25 @@ from twotower.data.interactions import Interactions, lists_from_text, load_inter
 from twotower.data.schema import FeatureConfig, Schema
 
 __all__ = ["check_features", "event_columns", "events_dataset", "load", "read_items",
-           "read_tables"]
+           "read_tables", "refuse_repeated_files"]
+
+
+def refuse_repeated_files(dataset: ds.Dataset, location: Path, what: str) -> ds.Dataset:
+    """``dataset``, once no file of it is another one reached again through a link.
+
+    pyarrow follows symbolic links inside a directory: a link to the directory itself
+    (or to a parent) made it read the same files some forty times over, and training went
+    on, silently, on every event forty times.
+    """
+    seen: dict[str, str] = {}
+    for name in dataset.files:
+        real = os.path.realpath(name)
+        if real in seen:
+            raise ValueError(f"{what} {location}: {name} is {seen[real]} again, reached "
+                             "through a symbolic link (a loop or a second link to the same "
+                             "file): its rows would be read twice; remove the link")
+        seen[real] = name
+    return dataset
 
 
 def _dataset(path: str, what: str) -> ds.Dataset:
@@ -34,9 +53,31 @@ def _dataset(path: str, what: str) -> ds.Dataset:
         dataset = ds.dataset(str(location), format=file_format)
     except (pa.ArrowInvalid, OSError) as error:
         raise ValueError(f"{what} {location}: cannot read as {file_format}: {error}") from None
-    if dataset.count_rows() == 0:
+    try:
+        rows = dataset.count_rows()  # reads a CSV file whole
+    except (pa.ArrowInvalid, OSError) as error:
+        raise unreadable(error, f"{what} {location}") from None
+    if rows == 0:
         raise ValueError(f"{what} file {location} has no rows")
-    return dataset
+    return refuse_repeated_files(dataset, location, what)
+
+
+def unreadable(error: Exception, where: str) -> ValueError:
+    """The error for a table pyarrow cannot read, naming it: pyarrow's own message names
+    neither the file nor the cause of the commonest case, a CSV line over its 1 MiB block
+    ("straddling object straddles two block boundaries")."""
+    hint = " (a CSV line longer than 1 MiB: a quote left open, or not a CSV file?)" \
+        if "straddl" in str(error) else ""
+    return ValueError(f"{where}: cannot read: {error}{hint}")
+
+
+def read_whole(dataset: ds.Dataset, where: str, columns: list[str] | None = None) -> pa.Table:
+    """All rows of ``dataset`` (``columns`` only, if given); an unreadable file is an error
+    naming ``where``."""
+    try:
+        return dataset.to_table(columns=columns)
+    except (pa.ArrowInvalid, OSError) as error:
+        raise unreadable(error, where) from None
 
 
 def events_dataset(schema: Schema) -> ds.Dataset:
@@ -101,9 +142,10 @@ def check_features(schema: Schema, events: pa.Schema, items: pa.Schema, where_ev
 
 def read_items(schema: Schema) -> tuple[pa.Table, str]:
     """The whole items table of a file-based schema and how messages name it."""
-    items = _dataset(schema.items.path, "items").to_table()
+    where = f"items {schema.items.path}"
+    items = read_whole(_dataset(schema.items.path, "items"), where)
     lists = [f.name for f in schema.item_features if f.kind == "id_list"]
-    return lists_from_text(items, lists), f"items {schema.items.path}"
+    return lists_from_text(items, lists), where
 
 
 def read_tables(schema: Schema) -> tuple[pa.Table, pa.Table, str, str]:
@@ -120,7 +162,7 @@ def read_tables(schema: Schema) -> tuple[pa.Table, pa.Table, str, str]:
     items, where_items = read_items(schema)
     where = f"events {schema.events.path}"
     checks.check_columns(event_columns(schema), dataset.schema.names, where)
-    return dataset.to_table(columns=event_columns(schema)), items, where, where_items
+    return read_whole(dataset, where, event_columns(schema)), items, where, where_items
 
 
 def load(schema: Schema) -> Interactions:
