@@ -27,7 +27,6 @@ own virtual environment (where ``twotower`` is installed).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
@@ -39,6 +38,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from runner_lib import parse_args
 
 TOP_K = 100
 # Settings a grid may set: the name in the settings object -> the `twotower train` flag.
@@ -126,18 +126,9 @@ def twotower(*args: str) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--split-dir", type=Path, required=True)
-    ap.add_argument("--phase", choices=["valid", "test"], required=True)
-    ap.add_argument("--settings", type=json.loads, default={}, help="JSON object")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--protocol-dir", type=Path,
-                    default=Path(__file__).resolve().parents[3] / "shared" / "protocol")
-    ap.add_argument("--max-epochs", type=int, default=30)
-    ap.add_argument("--eval-every", type=int, default=1, help="twotower validates every epoch")
-    ap.add_argument("--patience", type=int, default=2, help="epochs without a gain")
-    args = ap.parse_args()
+    # The peers' command line; twotower validates every epoch, so --eval-every is unused and
+    # --patience counts epochs (a smaller budget than the peers' checks of two epochs).
+    args = parse_args(__doc__.splitlines()[0])
     out, settings = args.out, args.settings
     out.mkdir(parents=True, exist_ok=True)
     events, targets = phase_events(args.split_dir, args.phase)
