@@ -167,22 +167,30 @@ def new_trainer(prepared, out_dir) -> Trainer:
                    device="cpu", progress=False)
 
 
-@pytest.mark.parametrize("at", [(1, 3), (3, 5)])  # before the best epoch, and after it
-def test_stopped_and_resumed_keeps_the_early_stopping_state_and_the_best_epoch(log, tmp_path,
-                                                                               at):
+def reference_and_stopped(log, tmp_path, at) -> tuple[Validation, Trainer, dict, Trainer]:
+    """``(validation, reference trainer, its summary, trainer stopped at (epoch, batch))``:
+    an uninterrupted run with validation, and the same run stopped by a signal at ``at``
+    (``at`` may be a function of the reference summary)."""
     prepared, split = log
     validation = Validation(prepared, split.train, split.valid)
     reference = new_trainer(prepared, tmp_path / "reference")
     expected = fit_and_save(reference, prepared.training_data(split.train),
                             validation=validation)
-
     stopped = new_trainer(prepared, tmp_path / "stopped")
     base = prepared.training_data(split.train)
     data = StopAt(base.queries, base.items, base.item_row, base.item_key, base.reward,
                   base.rows)
-    data.trainer, data.at = stopped, at
+    data.trainer, data.at = stopped, at(expected) if callable(at) else at
     with pytest.raises(TrainingStopped):
         fit_and_save(stopped, data, validation=validation)
+    return validation, reference, expected, stopped
+
+
+@pytest.mark.parametrize("at", [(1, 3), (3, 5)])  # before the best epoch, and after it
+def test_stopped_and_resumed_keeps_the_early_stopping_state_and_the_best_epoch(log, tmp_path,
+                                                                               at):
+    prepared, split = log
+    validation, reference, expected, stopped = reference_and_stopped(log, tmp_path, at)
     state = load_checkpoint(tmp_path / "stopped").state["early_stopping"]
     assert state == stopped.early_stopping.state_dict()
     assert state["best_epoch"] == (expected["best_epoch"] - 1 if at[0] > 2 else at[0] - 1)
@@ -245,17 +253,8 @@ def test_resumed_into_another_directory_keeps_the_best_epoch(log, tmp_path):
     """The best weights travel in the checkpoint, so a run resumed with another out_dir
     (where no best model was ever published) still ends with them."""
     prepared, split = log
-    validation = Validation(prepared, split.train, split.valid)
-    reference = new_trainer(prepared, tmp_path / "reference")
-    expected = fit_and_save(reference, prepared.training_data(split.train),
-                            validation=validation)
-    stopped = new_trainer(prepared, tmp_path / "stopped")
-    base = prepared.training_data(split.train)
-    data = StopAt(base.queries, base.items, base.item_row, base.item_key, base.reward,
-                  base.rows)
-    data.trainer, data.at = stopped, (expected["best_epoch"], 2)  # after the best epoch
-    with pytest.raises(TrainingStopped):
-        fit_and_save(stopped, data, validation=validation)
+    validation, reference, expected, _ = reference_and_stopped(
+        log, tmp_path, lambda summary: (summary["best_epoch"], 2))  # after the best epoch
     best = load_checkpoint(tmp_path / "stopped").best
     published = load_model(tmp_path / "stopped")[0].state_dict()  # the best epoch's model
     assert best.keys() == published.keys()

@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from twotower.data.history import seen_before
+from twotower.evaluate import embed, evaluate_retrieval
 from twotower.towers import TwoTowerModel
 
 __all__ = ["EarlyStopping", "Validation"]
@@ -68,13 +70,19 @@ class Validation:
                  ks: Sequence[int] = (10, 50, 100), exclude_seen: bool = True) -> None:
         if len(valid_rows) == 0:
             raise ValueError("validation needs at least one validation event")
-        self.prepared, self.train_rows, self.valid_rows = prepared, train_rows, valid_rows
-        self.ks, self.exclude_seen = tuple(ks), exclude_seen
+        data = prepared.interactions
+        self.prepared, self.valid_rows, self.ks = prepared, valid_rows, tuple(ks)
+        # What does not change from epoch to epoch is found once: the ranked item of each
+        # event, the training counts and each event's excluded items.
+        self.positives = data.item_row[valid_rows]
+        self.train_counts = data.item_counts(train_rows)
+        self.exclude = seen_before(data.user, data.timestamp, data.item_row, valid_rows) \
+            if exclude_seen else None
 
     def score(self, model: TwoTowerModel) -> dict[str, float]:
-        from twotower.experiment import score
-
-        metrics = score(model, self.prepared, self.train_rows, self.valid_rows, self.ks,
-                        self.exclude_seen)
+        query_emb = embed(model, self.prepared.queries, "query", self.valid_rows)
+        item_emb = embed(model, self.prepared.items, "item")
+        metrics = evaluate_retrieval(query_emb, item_emb, self.positives, self.train_counts,
+                                     self.ks, self.exclude)
         return {k: float(v) for k, v in metrics.items()
                 if k.split("@")[0] in ("recall", "ndcg") and "/" not in k}
