@@ -104,7 +104,7 @@ def run_one(system: System, dataset: str, split: Path, phase: str, settings: dic
 def bench(system: System, dataset: str, split: Path, args: argparse.Namespace) -> None:
     budget = {"max_epochs": args.max_epochs * system.epoch_scale,
               "eval_every": args.eval_every * system.epoch_scale, "patience": args.patience}
-    settings = [{**system.fixed, **s} for s in system.grid]
+    settings = [{**system.fixed, **s} for s in system.grid[:args.max_settings]]
     with ThreadPoolExecutor(args.jobs) as pool:
         valid = list(pool.map(lambda s: run_one(system, dataset, split, "valid", s, 0, budget,
                                                 args), settings))
@@ -127,6 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-epochs", type=int, default=30)
     ap.add_argument("--eval-every", type=int, default=2, help="epochs between valid checks")
     ap.add_argument("--patience", type=int, default=2, help="checks without a gain")
+    ap.add_argument("--max-settings", type=int, default=None,
+                    help="try only the first N settings of each grid (a smaller budget)")
     ap.add_argument("--jobs", type=int, default=1, help="runs at once (one thread each)")
     ap.add_argument("--data-dir", type=Path, default=paths["data"])
     ap.add_argument("--protocol-dir", type=Path, default=paths["protocol"])

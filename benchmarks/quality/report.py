@@ -49,7 +49,10 @@ def table(records: list[dict], not_run: dict[str, str]) -> str:
             if not test:
                 reason = not_run.get(f"{dataset}/{system}", "no results yet")
                 if valid:
-                    reason += f"; {len(valid)} valid settings done"
+                    best = max(valid, key=lambda r: r["metrics"]["recall@50"])
+                    reason += (f"; valid only, {len(valid)} setting(s): best valid R@50 "
+                               f"{100 * best['metrics']['recall@50']:.2f} with "
+                               f"{short(best['settings'])}, epoch {best['best_epoch']}")
                 lines.append(f"| {dataset} | {system} | not run ({reason}) |" + " |" * 9)
                 continue
             # The latest test setting and budget; earlier budgets stay in results.json only.
