@@ -93,6 +93,8 @@ def run_one(system: System, dataset: str, split: Path, phase: str, settings: dic
               "examples_per_second": run["examples_per_second"],
               "epochs_trained": run["epochs_trained"], "best_epoch": run["best_epoch"],
               "predict_seconds": run["predict_seconds"], "curve": run["curve"],
+              # serving settings a runner chose on valid after the epoch (twotower's beta)
+              **({"chosen": run["chosen"]} if run.get("chosen") else {}),
               "wall_seconds": time.time() - start, "command": args.command,
               "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     append_result(record)
@@ -109,7 +111,7 @@ def bench(system: System, dataset: str, split: Path, args: argparse.Namespace) -
         valid = list(pool.map(lambda s: run_one(system, dataset, split, "valid", s, 0, budget,
                                                 args), settings))
         best = max(valid, key=lambda r: r["metrics"]["recall@50"])
-        chosen = {**best["settings"], "epochs": best["best_epoch"]}
+        chosen = {**best["settings"], "epochs": best["best_epoch"], **best.get("chosen", {})}
         test = list(pool.map(lambda seed: run_one(system, dataset, split, "test", chosen, seed,
                                                   budget, args), SEEDS))
     r50 = [r["metrics"]["recall@50"] for r in test]
