@@ -5,14 +5,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
 from tiny_serving import make_model, without_fingerprint
+from twotower.checkpoint import load_model
 from twotower.cli import main
+from twotower.data.interactions import Columns
+from twotower.data.schema import Schema
+from twotower.data.sources import load
+from twotower.data.splits import time_split
 from twotower.data.synthetic import EPOCH, SECONDS_PER_DAY, SyntheticConfig, generate, write
+from twotower.evaluate import embed
+from twotower.experiment import prepare
 from twotower.index import index_items
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -163,3 +171,39 @@ def test_evaluating_on_other_events_than_training_read_is_not_warned_about(setup
                  "leave-last-out", "--bootstrap", "0"]) == 0
     assert "may have been trained on" in json.loads(capsys.readouterr().err.splitlines()[-1])[
         "warning"]
+
+
+def test_popularity_penalty_ranks_by_score_minus_beta_log_p(setup, capsys):
+    """Recall@10 under ``--popularity-penalty`` against a brute-force ranking."""
+    model_dir, events, items = setup
+    flags = ["evaluate", str(model_dir), "--events", str(events), "--items", str(items),
+             "--cutoff", CUTOFF, "--bootstrap", "0", "--ks", "10"]
+    assert main(flags) == 0
+    plain = json.loads(capsys.readouterr().out)
+    beta = -0.5  # strongly towards popular items, so the ranking must change
+    assert main([*flags, "--popularity-penalty", str(beta)]) == 0
+    out = capsys.readouterr()
+    got = json.loads(out.out)
+    assert json.loads(out.err.splitlines()[0])["popularity_penalty"] == beta
+
+    model, estimator, config = load_model(model_dir)
+    columns = Columns(**{**config["columns"],
+                         "item_features": tuple(config["columns"]["item_features"])})
+    interactions = load(Schema.from_columns(columns, str(events), str(items)))
+    test = time_split(interactions.timestamp, int(CUTOFF)).part("test")
+    prepared = prepare(interactions, model.config)
+    u = embed(model, prepared.queries, "query", test).double().numpy()
+    v = embed(model, prepared.items, "item").double().numpy()
+    scores = u @ v.T - beta * np.log(estimator.probability(interactions.item_keys))[None, :]
+    positives = interactions.item_row[test]
+    rank = (scores > scores[np.arange(len(u)), positives][:, None]).sum(axis=1)
+    assert got["recall@10"] == pytest.approx(float(np.mean(rank < 10)))
+    assert got["recall@10"] != pytest.approx(plain["recall@10"])
+
+
+def test_popularity_penalty_is_exact_only(setup, tmp_path, capsys):
+    model_dir, events, items = setup
+    assert main(["evaluate", str(model_dir), "--events", str(events), "--items", str(items),
+                 "--cutoff", CUTOFF, "--popularity-penalty", "0.1",
+                 "--index", str(tmp_path / "ix")]) != 0
+    assert "without --index" in capsys.readouterr().err

@@ -303,3 +303,22 @@ def test_a_history_longer_than_training_read_is_cut_to_its_newest_items(recommen
     assert not set(long_result.keys) & set(whole)
     # The same query vector: the newest items' ranking, less the older history items.
     assert long_result.keys == [k for k in short_result.keys if k not in whole][:50]
+
+
+def test_exact_recommender_reads_the_model_once_and_ranks_like_a_saved_index(
+        artifacts, recommender, monkeypatch):
+    import twotower.checkpoint
+
+    model, items, _ = artifacts
+    reads = []
+    real = twotower.checkpoint.load_model
+    monkeypatch.setattr(twotower.checkpoint, "load_model",
+                        lambda d: reads.append(d) or real(d))
+    monkeypatch.setattr("twotower.recommend.load_model", twotower.checkpoint.load_model)
+    exact = Recommender.exact(model, items)
+    assert len(reads) == 1
+    users, histories = [1, 2, 3], [[1, 2], [5], []]
+    queries = [exact.parse({"user_id": u, "history": h}, k=10)
+               for u, h in zip(users, histories, strict=True)]
+    got = [list(r.keys) for r in exact.recommend_queries(queries)]
+    assert got == oracle(recommender, users, histories, 10)

@@ -214,7 +214,7 @@ def test_schema_dropout_reaches_the_model_and_is_checked():
     distinct = {"user_id": np.arange(5), "item_id": np.arange(7)}
     config = schema_model_config(parsed, lambda where, name: distinct[name])
     assert config.dropout == 0.25
-    assert parse_schema(schema, "schema.yaml").model.dropout == 0.0
+    assert parse_schema(schema, "schema.yaml").model.dropout == 0.2  # the default
     for bad in (1.0, -0.5):
         with pytest.raises(ValueError, match=r"model\.dropout"):
             parse_schema({**schema, "model": {"dropout": bad}}, "schema.yaml")

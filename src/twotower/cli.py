@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from twotower.cli_serving import add_commands
-from twotower.cli_types import at_least, positive
+from twotower.cli_types import at_least, finite, positive
 
 # Epochs of a new model: a fixed few without validation events (on the shared real logs the
 # best epoch was the 2nd to the 5th), else at most this many, early stopping choosing.
@@ -400,11 +400,18 @@ def _follow(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from twotower.checkpoint import load_model
     from twotower.experiment import prepare, score
     from twotower.index_eval import format_side_by_side, index_score
 
-    model, _, config = load_model(args.model)
+    model, estimator, config = load_model(args.model)
+    if args.popularity_penalty and args.index:
+        raise ValueError("--popularity-penalty ranks exactly; give it without --index")
+    if args.popularity_penalty and estimator is None:
+        raise ValueError(f"--popularity-penalty needs the model's frequency estimator, and "
+                         f"{args.model} has none")
     schema = _schema(args, config)
     kind, params = _split_choice(args, schema, config.get("split", {}))
     if kind in (None, "none"):
@@ -418,9 +425,14 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.index:  # checked before the exact ranking, so a wrong index fails at once
         index, index_rows = _evaluation_index(args, model, interactions)
     prepared = prepare(interactions, model.config)
+    bias = None
+    if args.popularity_penalty:
+        bias = -args.popularity_penalty * np.log(estimator.probability(interactions.item_keys))
     metrics = score(model, prepared, split.train, rows, args.ks, args.exclude_seen,
-                    args.bootstrap)
+                    args.bootstrap, bias)
     note = {"data": interactions.report, "split": split.summary(), "evaluated_on": args.on}
+    if args.popularity_penalty:
+        note["popularity_penalty"] = args.popularity_penalty
     if args.index:
         metrics["index"] = index_score(model, prepared, index, index_rows, split.train, rows,
                                        args.ks, args.exclude_seen, args.bootstrap)
@@ -674,6 +686,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", metavar="INDEX_DIR",
                    help="also rank through this index (built by `twotower index` for this "
                         "model and items table) and show exact and index metrics side by side")
+    p.add_argument("--popularity-penalty", type=finite, default=0.0, metavar="BETA",
+                   help="rank by <u, v> - BETA log p_hat(item), as `recommend` and `serve` "
+                        "can: evaluate a few on --on valid to choose one (negative favours "
+                        "popular items)")
     p.set_defaults(run=_evaluate)
 
     p = commands.add_parser("report", help="an HTML report from model directories: held-out "

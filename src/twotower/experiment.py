@@ -193,16 +193,24 @@ def fit_stream(data: StreamingTrainingData, config: TrainConfig, out_dir: str | 
 
 def score(model: TwoTowerModel, prepared: Prepared, train_rows: np.ndarray,
           test_rows: np.ndarray, ks: Sequence[int] = (10, 50, 100),
-          exclude_seen: bool = False, bootstrap: int = 0) -> dict[str, float]:
+          exclude_seen: bool = False, bootstrap: int = 0,
+          item_bias: np.ndarray | None = None) -> dict[str, float]:
     """Full-corpus metrics of ``model`` on the events ``test_rows``.
 
     Popularity groups come from ``train_rows``; with ``exclude_seen`` every item the
     user interacted with before the event is removed from its ranking; ``bootstrap``
-    resamples of the queries give 95% intervals of recall and NDCG.
+    resamples of the queries give 95% intervals of recall and NDCG. ``item_bias`` (one
+    value per item row, such as ``-beta * log p_hat``) is added to every score: one more
+    embedding column, 1 on the query side, as the index folds popularity in.
     """
     data = prepared.interactions
     query_emb = embed(model, prepared.queries, "query", test_rows)
     item_emb = embed(model, prepared.items, "item")
+    if item_bias is not None:
+        bias = torch.as_tensor(item_bias, dtype=item_emb.dtype)[:, None]
+        item_emb = torch.cat([item_emb, bias], dim=1)
+        query_emb = torch.cat([query_emb, torch.ones(len(query_emb), 1,
+                                                     dtype=query_emb.dtype)], dim=1)
     exclude = seen_before(data.user, data.timestamp, data.item_row, test_rows) \
         if exclude_seen else None
     return evaluate_retrieval(query_emb, item_emb, data.item_row[test_rows],

@@ -34,6 +34,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -45,6 +46,10 @@ from twotower.checkpoint import (
     sha256_of,
     versions,
 )
+
+if TYPE_CHECKING:
+    from twotower.frequency import StreamingFrequencyEstimator
+    from twotower.towers import TwoTowerModel
 
 __all__ = ["EXACT_BELOW", "RECALL_K", "ItemIndex", "check_built_from", "choose_factory",
            "index_items", "model_fingerprint", "recall_at_k"]
@@ -432,12 +437,16 @@ def check_built_from(index: ItemIndex, model_dir: str | Path, where: str) -> Non
 
 
 def index_items(model_dir: str | Path, items: str | Path, factory: str = "auto",
-                popularity: bool = True, batch_size: int = 8192, **options) -> ItemIndex:
+                popularity: bool = True, batch_size: int = 8192,
+                loaded: tuple[TwoTowerModel, StreamingFrequencyEstimator | None, dict] | None
+                = None, **options) -> ItemIndex:
     """Embed every item of an items table with a model's item tower and index them.
 
     Items never seen in training are embedded from their features like any other. With
     ``popularity`` (and a model that has a frequency estimator) log p_hat is folded in,
-    and recall is also measured at beta = temperature. ``options`` go to
+    and recall is also measured at beta = temperature. ``loaded`` is what
+    ``load_model(model_dir)`` returned, for a caller that holds it already (one read of
+    the weights, and the same weights on both sides). ``options`` go to
     :meth:`ItemIndex.build`.
     """
     import pyarrow as pa
@@ -448,7 +457,7 @@ def index_items(model_dir: str | Path, items: str | Path, factory: str = "auto",
     from twotower.evaluate import embed
     from twotower.features import EncodedFeatures
 
-    model, estimator, config = load_model(model_dir)
+    model, estimator, config = loaded or load_model(model_dir)
     lists = [f.name for f in model.config.item_features if f.kind == "id_list"]
     table = lists_from_text(read_table(items, "items"), lists)
     where = f"items {items}"

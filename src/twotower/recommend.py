@@ -204,8 +204,9 @@ class Recommender:
     def exact(cls, model_dir: str | Path, items: str | Path) -> Recommender:
         """A model and an exact index of ``items`` built in memory now (for one-off
         recommendations; a service should load a saved index)."""
-        model, _, config = load_model(model_dir)
-        index = index_items(model_dir, items, "Flat")
+        loaded = load_model(model_dir)
+        model, _, config = loaded
+        index = index_items(model_dir, items, "Flat", loaded=loaded)
         recommender = cls(model, index, config, model_dir)
         recommender.warm_up()
         return recommender
