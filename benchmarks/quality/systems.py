@@ -46,7 +46,10 @@ SYSTEMS = {s.name: s for s in [
            {"logq": True, "batch_size": 1024}),
     # twotower through its own command line (run_twotower.py), with the driver's Python:
     # the defaults, with and without mixed negatives, each with and without dropout 0.2.
-    System("twotower", "run_twotower.py", None, TWOTOWER_GRID, {"lr": 0.005}),
+    # The popularity penalty at serving is chosen on valid after the epoch, as a user would
+    # (`twotower evaluate --on valid --popularity-penalty B`; run_twotower.PENALTIES).
+    System("twotower", "run_twotower.py", None, TWOTOWER_GRID,
+           {"lr": 0.005, "popularity_penalty": "valid"}),
     # The same without the sampling-bias correction (`--correction none`), same grid.
     System("twotower-none", "run_twotower.py", None, TWOTOWER_GRID,
            {"lr": 0.005, "correction": "none"}),
