@@ -93,6 +93,8 @@ def run_one(system: System, dataset: str, split: Path, phase: str, settings: dic
               "examples_per_second": run["examples_per_second"],
               "epochs_trained": run["epochs_trained"], "best_epoch": run["best_epoch"],
               "predict_seconds": run["predict_seconds"], "curve": run["curve"],
+              # serving settings a runner chose on valid after the epoch (twotower's beta)
+              **({"chosen": run["chosen"]} if run.get("chosen") else {}),
               "wall_seconds": time.time() - start, "command": args.command,
               "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     append_result(record)
@@ -104,12 +106,12 @@ def run_one(system: System, dataset: str, split: Path, phase: str, settings: dic
 def bench(system: System, dataset: str, split: Path, args: argparse.Namespace) -> None:
     budget = {"max_epochs": args.max_epochs * system.epoch_scale,
               "eval_every": args.eval_every * system.epoch_scale, "patience": args.patience}
-    settings = [{**system.fixed, **s} for s in system.grid]
+    settings = [{**system.fixed, **s} for s in system.grid[:args.max_settings]]
     with ThreadPoolExecutor(args.jobs) as pool:
         valid = list(pool.map(lambda s: run_one(system, dataset, split, "valid", s, 0, budget,
                                                 args), settings))
         best = max(valid, key=lambda r: r["metrics"]["recall@50"])
-        chosen = {**best["settings"], "epochs": best["best_epoch"]}
+        chosen = {**best["settings"], "epochs": best["best_epoch"], **best.get("chosen", {})}
         test = list(pool.map(lambda seed: run_one(system, dataset, split, "test", chosen, seed,
                                                   budget, args), SEEDS))
     r50 = [r["metrics"]["recall@50"] for r in test]
@@ -127,6 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-epochs", type=int, default=30)
     ap.add_argument("--eval-every", type=int, default=2, help="epochs between valid checks")
     ap.add_argument("--patience", type=int, default=2, help="checks without a gain")
+    ap.add_argument("--max-settings", type=int, default=None,
+                    help="try only the first N settings of each grid (a smaller budget)")
     ap.add_argument("--jobs", type=int, default=1, help="runs at once (one thread each)")
     ap.add_argument("--data-dir", type=Path, default=paths["data"])
     ap.add_argument("--protocol-dir", type=Path, default=paths["protocol"])

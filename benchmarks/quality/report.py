@@ -49,14 +49,18 @@ def table(records: list[dict], not_run: dict[str, str]) -> str:
             if not test:
                 reason = not_run.get(f"{dataset}/{system}", "no results yet")
                 if valid:
-                    reason += f"; {len(valid)} valid settings done"
+                    best = max(valid, key=lambda r: r["metrics"]["recall@50"])
+                    reason += (f"; valid only, {len(valid)} setting(s): best valid R@50 "
+                               f"{100 * best['metrics']['recall@50']:.2f} with "
+                               f"{short(best['settings'])}, epoch {best['best_epoch']}")
                 lines.append(f"| {dataset} | {system} | not run ({reason}) |" + " |" * 9)
                 continue
             # The latest test setting and budget; earlier budgets stay in results.json only.
             chosen, budget = test[-1]["settings"], test[-1]["budget"]
             test = [r for r in test if (r["settings"], r["budget"]) == (chosen, budget)]
             valid = [r for r in valid if r["budget"] == budget]
-            best = max((r for r in valid if {**r["settings"], "epochs": r["best_epoch"]} == chosen),
+            best = max((r for r in valid if {**r["settings"], "epochs": r["best_epoch"],
+                                             **r.get("chosen", {})} == chosen),
                        key=lambda r: r["metrics"]["recall@50"], default=None)
             valid_r50 = f" ({100 * best['metrics']['recall@50']:.2f})" if best else ""
             cells = [mean_std([r["metrics"][m] for r in test]) for m in METRICS]

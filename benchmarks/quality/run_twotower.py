@@ -45,6 +45,10 @@ TOP_K = 100
 FLAGS = {"lr": "--lr", "temperature": "--temperature", "batch_size": "--batch-size",
          "correction": "--correction", "mixed_negatives": "--mixed-negatives",
          "order": "--order"}
+# `popularity_penalty: "valid"` chooses beta (`<u, v> - beta log p_hat` at serving) among
+# these on the validation targets, after the epoch: 0, and -0.2, -0.4 and -1 times the
+# default temperature (negative favours popular items).
+PENALTIES = (0.0, -0.01, -0.02, -0.05)
 # Settings that go into the schema's `model` section.
 MODEL = ("dim", "hidden", "output_dim", "dropout")
 
@@ -125,6 +129,20 @@ def twotower(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "twotower", *args], check=True)
 
 
+def choose_penalty(model: Path) -> tuple[float, dict[str, float]]:
+    """The popularity penalty with the best validation recall@50, as a user chooses it:
+    ``twotower evaluate --on valid --exclude-seen --popularity-penalty B`` for each B."""
+    recall = {}
+    for beta in PENALTIES:
+        done = subprocess.run([sys.executable, "-m", "twotower", "evaluate", str(model),
+                               "--on", "valid", "--exclude-seen", "--ks", "50",
+                               "--bootstrap", "0", f"--popularity-penalty={beta}"],
+                              check=True, capture_output=True, text=True)
+        recall[str(beta)] = json.loads(done.stdout)["recall@50"]
+    best = max(PENALTIES, key=lambda beta: recall[str(beta)])
+    return best, recall
+
+
 def main() -> None:
     # The peers' command line; twotower validates every epoch, so --eval-every is unused and
     # --patience counts epochs (a smaller budget than the peers' checks of two epochs).
@@ -158,12 +176,17 @@ def main() -> None:
                       "values": dict(zip(table["item_id"], table[feature], strict=True))}
     users = sorted({r["user_id"] for r in targets})
     queries(events, users, feature_of, out / "queries.jsonl")
+    penalty, chosen = settings.get("popularity_penalty"), {}
+    if penalty == "valid":
+        penalty, recall = choose_penalty(model)
+        chosen = {"popularity_penalty": penalty, "recall@50_by_penalty": recall}
+    penalty = float(penalty or 0.0)
     twotower("index", str(model), "--items", str(out / "items.parquet"), "--factory", "Flat",
-             "--out", str(out / "index"), "--no-popularity")
+             "--out", str(out / "index"), *([] if penalty else ["--no-popularity"]))
     answers = out / "answers.jsonl"
     twotower("recommend", str(model), "--index", str(out / "index"), "--queries",
              str(out / "queries.jsonl"), "-k", str(TOP_K), "--exclude-column", "exclude",
-             "--out", str(answers))
+             f"--popularity-penalty={penalty}", "--out", str(answers))
     with open(answers) as f, open(out / "predictions.jsonl", "w") as preds:
         for line in f:
             answer = json.loads(line)
@@ -179,7 +202,9 @@ def main() -> None:
               "examples_per_second": summary["examples"] / seconds,
               "epochs_trained": max((c["epoch"] for c in curve), default=epochs),
               "best_epoch": summary.get("best_epoch", epochs),
-              "predict_seconds": predict_seconds, "curve": curve}
+              "predict_seconds": predict_seconds, "curve": curve,
+              "chosen": {k: v for k, v in chosen.items() if k == "popularity_penalty"},
+              "penalties": chosen.get("recall@50_by_penalty")}
     (out / "run.json").write_text(json.dumps(report, indent=1) + "\n")
     os.remove(out / "events.parquet")  # large, and rebuilt from the split on every run
 

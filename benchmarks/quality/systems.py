@@ -31,6 +31,8 @@ class System:
     epoch_scale: int = 1
 
 
+TWOTOWER_GRID = grid(mixed_negatives=[0, 1024], dropout=[0.0, 0.2])
+
 SYSTEMS = {s.name: s for s in [
     System("mostpop", "run_mostpop.py", None, [{}]),
     System("implicit-als", "run_implicit.py", "implicit",
@@ -43,10 +45,16 @@ SYSTEMS = {s.name: s for s in [
     System("tfrs-logq", "run_tfrs.py", "tfrs", grid(dim=[32, 64], learning_rate=[0.05, 0.2]),
            {"logq": True, "batch_size": 1024}),
     # twotower through its own command line (run_twotower.py), with the driver's Python:
-    # the defaults, with and without mixed negatives (half the peers' four settings).
-    System("twotower", "run_twotower.py", None, grid(mixed_negatives=[0, 1024]),
-           {"lr": 0.005}),
+    # the defaults, with and without mixed negatives, each with and without dropout 0.2.
+    # The popularity penalty at serving is chosen on valid after the epoch, as a user would
+    # (`twotower evaluate --on valid --popularity-penalty B`; run_twotower.PENALTIES).
+    System("twotower", "run_twotower.py", None, TWOTOWER_GRID,
+           {"lr": 0.005, "popularity_penalty": "valid"}),
+    # The same without the sampling-bias correction (`--correction none`), same grid.
+    System("twotower-none", "run_twotower.py", None, TWOTOWER_GRID,
+           {"lr": 0.005, "correction": "none"}),
+    # The faster-learning learning rate first: `--max-settings 1` tries it alone.
     System("recbole-sasrec", "run_recbole_sasrec.py", "recbole",
-           grid(learning_rate=[0.001, 0.003], dropout=[0.2, 0.5]),
+           grid(learning_rate=[0.003, 0.001], dropout=[0.2, 0.5]),
            {"hidden_size": 64, "batch_size": 2048}),
 ]}
