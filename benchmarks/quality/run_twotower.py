@@ -124,23 +124,22 @@ def queries(events: list[tuple], users: list[str], feature_of: dict[str, list[st
             f.write(json.dumps(query) + "\n")
 
 
-def twotower(*args: str) -> None:
-    """Run a ``twotower`` command with this Python (the repository's environment)."""
-    subprocess.run([sys.executable, "-m", "twotower", *args], check=True)
+def twotower(*args: str, capture: bool = False) -> str | None:
+    """Run a ``twotower`` command with this Python (the repository's environment); with
+    ``capture``, return what it printed instead of letting it reach the log."""
+    done = subprocess.run([sys.executable, "-m", "twotower", *args], check=True,
+                          capture_output=capture, text=True)
+    return done.stdout if capture else None
 
 
 def choose_penalty(model: Path) -> tuple[float, dict[str, float]]:
-    """The popularity penalty with the best validation recall@50, as a user chooses it:
-    ``twotower evaluate --on valid --exclude-seen --popularity-penalty B`` for each B."""
-    recall = {}
-    for beta in PENALTIES:
-        done = subprocess.run([sys.executable, "-m", "twotower", "evaluate", str(model),
-                               "--on", "valid", "--exclude-seen", "--ks", "50",
-                               "--bootstrap", "0", f"--popularity-penalty={beta}"],
-                              check=True, capture_output=True, text=True)
-        recall[str(beta)] = json.loads(done.stdout)["recall@50"]
-    best = max(PENALTIES, key=lambda beta: recall[str(beta)])
-    return best, recall
+    """The popularity penalty with the best validation recall@50, and the recall of each,
+    as a user chooses it: ``twotower evaluate --on valid --popularity-penalty B``."""
+    recall = {str(beta): json.loads(twotower(
+        "evaluate", str(model), "--on", "valid", "--exclude-seen", "--ks", "50",
+        "--bootstrap", "0", f"--popularity-penalty={beta}", capture=True))["recall@50"]
+        for beta in PENALTIES}
+    return max(PENALTIES, key=lambda beta: recall[str(beta)]), recall
 
 
 def main() -> None:
@@ -176,11 +175,11 @@ def main() -> None:
                       "values": dict(zip(table["item_id"], table[feature], strict=True))}
     users = sorted({r["user_id"] for r in targets})
     queries(events, users, feature_of, out / "queries.jsonl")
-    penalty, chosen = settings.get("popularity_penalty"), {}
+    penalty, chosen, penalties = settings.get("popularity_penalty", 0.0), {}, None
     if penalty == "valid":
-        penalty, recall = choose_penalty(model)
-        chosen = {"popularity_penalty": penalty, "recall@50_by_penalty": recall}
-    penalty = float(penalty or 0.0)
+        penalty, penalties = choose_penalty(model)
+        chosen = {"popularity_penalty": penalty}
+    penalty = float(penalty)
     twotower("index", str(model), "--items", str(out / "items.parquet"), "--factory", "Flat",
              "--out", str(out / "index"), *([] if penalty else ["--no-popularity"]))
     answers = out / "answers.jsonl"
@@ -203,8 +202,7 @@ def main() -> None:
               "epochs_trained": max((c["epoch"] for c in curve), default=epochs),
               "best_epoch": summary.get("best_epoch", epochs),
               "predict_seconds": predict_seconds, "curve": curve,
-              "chosen": {k: v for k, v in chosen.items() if k == "popularity_penalty"},
-              "penalties": chosen.get("recall@50_by_penalty")}
+              "chosen": chosen, "penalties": penalties}
     (out / "run.json").write_text(json.dumps(report, indent=1) + "\n")
     os.remove(out / "events.parquet")  # large, and rebuilt from the split on every run
 

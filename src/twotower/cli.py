@@ -21,7 +21,11 @@ __all__ = ["main"]
 
 
 def _quickstart(args: argparse.Namespace) -> int:
+    import torch
+
     from twotower.quickstart import run_quickstart
+
+    torch.set_num_threads(1)  # as `train` does by default: spinning threads stall a busy machine
 
     run_quickstart(args.out, small=args.small, seed=args.seed, progress=not args.quiet)
     return 0
