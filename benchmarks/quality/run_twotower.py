@@ -205,6 +205,9 @@ def main() -> None:
               "chosen": chosen, "penalties": penalties}
     (out / "run.json").write_text(json.dumps(report, indent=1) + "\n")
     os.remove(out / "events.parquet")  # large, and rebuilt from the split on every run
+    # the training state to resume from (optimizer included) is most of a model's size,
+    # and nothing here resumes; the published model stays for a look afterwards
+    shutil.rmtree(model / "checkpoints", ignore_errors=True)
 
 
 if __name__ == "__main__":
