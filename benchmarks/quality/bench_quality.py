@@ -29,7 +29,7 @@ from pathlib import Path
 import prepare
 import report
 import venvs
-from systems import SYSTEMS, System
+from systems import SYSTEMS, System, refit_settings
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "results.json"
@@ -111,7 +111,7 @@ def bench(system: System, dataset: str, split: Path, args: argparse.Namespace) -
         valid = list(pool.map(lambda s: run_one(system, dataset, split, "valid", s, 0, budget,
                                                 args), settings))
         best = max(valid, key=lambda r: r["metrics"]["recall@50"])
-        chosen = {**best["settings"], "epochs": best["best_epoch"], **best.get("chosen", {})}
+        chosen = refit_settings(best)
         test = list(pool.map(lambda seed: run_one(system, dataset, split, "test", chosen, seed,
                                                   budget, args), SEEDS))
     r50 = [r["metrics"]["recall@50"] for r in test]

@@ -15,7 +15,7 @@ import statistics
 from pathlib import Path
 
 from prepare import DATASETS
-from systems import SYSTEMS
+from systems import SYSTEMS, refit_settings
 
 HERE = Path(__file__).resolve().parent
 README = HERE / "README.md"
@@ -59,8 +59,7 @@ def table(records: list[dict], not_run: dict[str, str]) -> str:
             chosen, budget = test[-1]["settings"], test[-1]["budget"]
             test = [r for r in test if (r["settings"], r["budget"]) == (chosen, budget)]
             valid = [r for r in valid if r["budget"] == budget]
-            best = max((r for r in valid if {**r["settings"], "epochs": r["best_epoch"],
-                                             **r.get("chosen", {})} == chosen),
+            best = max((r for r in valid if refit_settings(r) == chosen),
                        key=lambda r: r["metrics"]["recall@50"], default=None)
             valid_r50 = f" ({100 * best['metrics']['recall@50']:.2f})" if best else ""
             cells = [mean_std([r["metrics"][m] for r in test]) for m in METRICS]

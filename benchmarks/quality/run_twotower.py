@@ -175,11 +175,9 @@ def main() -> None:
                       "values": dict(zip(table["item_id"], table[feature], strict=True))}
     users = sorted({r["user_id"] for r in targets})
     queries(events, users, feature_of, out / "queries.jsonl")
-    penalty, chosen, penalties = settings.get("popularity_penalty", 0.0), {}, None
+    penalty, penalties = settings.get("popularity_penalty", 0.0), None
     if penalty == "valid":
         penalty, penalties = choose_penalty(model)
-        chosen = {"popularity_penalty": penalty}
-    penalty = float(penalty)
     twotower("index", str(model), "--items", str(out / "items.parquet"), "--factory", "Flat",
              "--out", str(out / "index"), *([] if penalty else ["--no-popularity"]))
     answers = out / "answers.jsonl"
@@ -202,7 +200,8 @@ def main() -> None:
               "epochs_trained": max((c["epoch"] for c in curve), default=epochs),
               "best_epoch": summary.get("best_epoch", epochs),
               "predict_seconds": predict_seconds, "curve": curve,
-              "chosen": chosen, "penalties": penalties}
+              "chosen": {"popularity_penalty": penalty} if penalties else {},
+              "penalties": penalties}
     (out / "run.json").write_text(json.dumps(report, indent=1) + "\n")
     os.remove(out / "events.parquet")  # large, and rebuilt from the split on every run
     # the training state to resume from (optimizer included) is most of a model's size,

@@ -18,6 +18,13 @@ def grid(**axes: list) -> list[dict]:
     return [dict(zip(names, values, strict=True)) for values in itertools.product(*axes.values())]
 
 
+def refit_settings(valid_record: dict) -> dict:
+    """What the test refits of a valid run train with: its settings, the epoch it kept, and
+    what it chose on valid after the epoch (twotower's popularity penalty)."""
+    return {**valid_record["settings"], "epochs": valid_record["best_epoch"],
+            **valid_record.get("chosen", {})}
+
+
 @dataclass(frozen=True)
 class System:
     name: str
