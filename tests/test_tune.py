@@ -20,6 +20,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_parse_grid_reads_values_and_names_bad_entries():
     assert parse_grid(["lr=0.005,0.02", "dropout=0,0.2", "batch_size=256"]) == {
         "lr": [0.005, 0.02], "dropout": [0.0, 0.2], "batch_size": [256]}
+    assert parse_grid(["without=-,user_id,user_id+history"]) == {
+        "without": ["-", "user_id", "user_id+history"]}
     for bad, message in [("lr", "NAME=V1,V2"), ("speed=1,2", "NAME=V1,V2"),
                          ("batch_size=1.5", "batch_size takes int"), ("lr=", "NAME=V1,V2")]:
         with pytest.raises(ValueError, match=message):
@@ -62,3 +64,22 @@ def test_tune_needs_validation_events(tmp_path: Path, capsys):
     assert main(["tune", "--schema", str(schema), "--split", "time", "--test-fraction", "0.2",
                  "--out", str(tmp_path / "tune"), "--grid", "lr=0.001"]) == 2
     assert "validation events" in capsys.readouterr().err
+
+
+def test_tune_can_leave_query_features_out(tmp_path: Path, capsys):
+    schema = write_log(tmp_path / "data")
+    out = tmp_path / "tune"
+    assert main(["tune", "--schema", str(schema), "--split", "leave-last-out", "--out",
+                 str(out), "--grid", "without=-,user_id", "--epochs", "2", "--quiet"]) == 0
+    rows = {r["without"]: r for r in json.loads((out / "tuning.json").read_text())}
+    for without, query in [("-", ["user_id", "history"]), ("user_id", ["history"])]:
+        model, _, config = load_model(out / rows[without]["run"])
+        assert [f["name"] for f in config["schema"]["query_features"]] == query
+        assert [f.name for f in model.query_tower.features] == query
+    # Names are checked against the schema before anything trains.
+    for bad, message in [("without=user", "'user'] not among"),
+                         ("without=user_id+history", "leaves the query no feature")]:
+        assert main(["tune", "--schema", str(schema), "--split", "leave-last-out", "--out",
+                     str(tmp_path / bad), "--grid", bad, "--quiet"]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / bad / "run-0").exists()

@@ -27,7 +27,11 @@ __all__ = ["GRID_KEYS", "format_tuning", "parse_grid", "tune"]
 TRAIN_KEYS = {"lr": ("learning_rate", float), "batch_size": ("batch_size", int),
               "mixed_negatives": ("mixed_negatives", int), "correction": ("correction", str)}
 MODEL_KEYS = {"temperature": float, "dropout": float, "dim": int, "output_dim": int}
-GRID_KEYS: tuple[str, ...] = (*TRAIN_KEYS, *MODEL_KEYS)
+# Query features to leave out of a run: "-" (none) or names joined by "+". Whether the
+# user's own id helps depends on the log (it memorises users with few events), so a user
+# can let validation decide: `without=-,user_id`.
+WITHOUT = "without"
+GRID_KEYS: tuple[str, ...] = (*TRAIN_KEYS, *MODEL_KEYS, WITHOUT)
 
 
 def parse_grid(items: Sequence[str]) -> dict[str, list]:
@@ -38,7 +42,8 @@ def parse_grid(items: Sequence[str]) -> dict[str, list]:
         if name not in GRID_KEYS or not values:
             raise ValueError(f"grid entry {item!r}: write NAME=V1,V2,... with NAME one of "
                              f"{GRID_KEYS}")
-        kind = TRAIN_KEYS[name][1] if name in TRAIN_KEYS else MODEL_KEYS[name]
+        kind = (TRAIN_KEYS[name][1] if name in TRAIN_KEYS
+                else str if name == WITHOUT else MODEL_KEYS[name])
         try:
             grid[name] = [kind(v) for v in values.split(",")]
         except ValueError:
@@ -50,7 +55,20 @@ def parse_grid(items: Sequence[str]) -> dict[str, list]:
 def _settings(schema: Schema, train: TrainConfig,
               setting: Mapping[str, object]) -> tuple[Schema, TrainConfig]:
     model = {k: v for k, v in setting.items() if k in MODEL_KEYS}
-    schema = schema.model_copy(update={"model": schema.model.model_copy(update=model)})
+    query = schema.query_features
+    if setting.get(WITHOUT, "-") != "-":
+        names = str(setting[WITHOUT]).split("+")
+        known = [f.name for f in query]
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ValueError(f"grid entry without={setting[WITHOUT]}: {unknown} not among "
+                             f"the schema's query_features {known}")
+        query = [f for f in query if f.name not in names]
+        if not query:
+            raise ValueError(f"grid entry without={setting[WITHOUT]} leaves the query no "
+                             "feature")
+    schema = schema.model_copy(update={"model": schema.model.model_copy(update=model),
+                                       "query_features": query})
     changes = {TRAIN_KEYS[k][0]: v for k, v in setting.items() if k in TRAIN_KEYS}
     return schema, replace(train, **changes)
 
@@ -72,9 +90,10 @@ def tune(schema: Schema, interactions, split: Split, grid: Mapping[str, Sequence
     ids = memory_ids(interactions)
     rows = []
     names = list(grid)
-    for number, values in enumerate(itertools.product(*(grid[n] for n in names))):
-        setting = dict(zip(names, values, strict=True))
-        run_schema, config = _settings(schema, train, setting)
+    settings = [dict(zip(names, values, strict=True))
+                for values in itertools.product(*(grid[n] for n in names))]
+    runs = [_settings(schema, train, setting) for setting in settings]  # errors before training
+    for number, (setting, (run_schema, config)) in enumerate(zip(settings, runs, strict=True)):
         prepared = prepare(interactions, schema_model_config(run_schema, ids))
         run_dir = out / f"run-{number}"
         fit(prepared, split.train, config, run_dir, progress,
