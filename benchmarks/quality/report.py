@@ -26,9 +26,10 @@ METRICS = ("recall@10", "recall@50", "recall@100", "ndcg@10", "tail_recall@50", 
 
 
 def mean_std(values: list[float], scale: float = 100.0) -> str:
-    """``mean ± std`` in percent (std over seeds; 0 with one seed)."""
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{scale * statistics.mean(values):.2f} ± {scale * std:.2f}"
+    """``mean ± std`` in percent (std over seeds); the value alone from one seed."""
+    if len(values) == 1:
+        return f"{scale * values[0]:.2f}"
+    return f"{scale * statistics.mean(values):.2f} ± {scale * statistics.stdev(values):.2f}"
 
 
 def short(settings: dict) -> str:
