@@ -31,7 +31,9 @@ MODEL_KEYS = {"temperature": float, "dropout": float, "dim": int, "output_dim": 
 # user's own id helps depends on the log (it memorises users with few events), so a user
 # can let validation decide: `without=-,user_id`.
 WITHOUT = "without"
-GRID_KEYS: tuple[str, ...] = (*TRAIN_KEYS, *MODEL_KEYS, WITHOUT)
+# The type of each grid key's values.
+_KINDS = {**{k: kind for k, (_, kind) in TRAIN_KEYS.items()}, **MODEL_KEYS, WITHOUT: str}
+GRID_KEYS: tuple[str, ...] = tuple(_KINDS)
 
 
 def parse_grid(items: Sequence[str]) -> dict[str, list]:
@@ -42,8 +44,7 @@ def parse_grid(items: Sequence[str]) -> dict[str, list]:
         if name not in GRID_KEYS or not values:
             raise ValueError(f"grid entry {item!r}: write NAME=V1,V2,... with NAME one of "
                              f"{GRID_KEYS}")
-        kind = (TRAIN_KEYS[name][1] if name in TRAIN_KEYS
-                else str if name == WITHOUT else MODEL_KEYS[name])
+        kind = _KINDS[name]
         try:
             grid[name] = [kind(v) for v in values.split(",")]
         except ValueError:
@@ -55,22 +56,27 @@ def parse_grid(items: Sequence[str]) -> dict[str, list]:
 def _settings(schema: Schema, train: TrainConfig,
               setting: Mapping[str, object]) -> tuple[Schema, TrainConfig]:
     model = {k: v for k, v in setting.items() if k in MODEL_KEYS}
-    query = schema.query_features
-    if setting.get(WITHOUT, "-") != "-":
-        names = str(setting[WITHOUT]).split("+")
-        known = [f.name for f in query]
-        unknown = [n for n in names if n not in known]
-        if unknown:
-            raise ValueError(f"grid entry without={setting[WITHOUT]}: {unknown} not among "
-                             f"the schema's query_features {known}")
-        query = [f for f in query if f.name not in names]
-        if not query:
-            raise ValueError(f"grid entry without={setting[WITHOUT]} leaves the query no "
-                             "feature")
+    query = _query_without(schema, str(setting.get(WITHOUT, "-")))
     schema = schema.model_copy(update={"model": schema.model.model_copy(update=model),
                                        "query_features": query})
     changes = {TRAIN_KEYS[k][0]: v for k, v in setting.items() if k in TRAIN_KEYS}
     return schema, replace(train, **changes)
+
+
+def _query_without(schema: Schema, without: str) -> list:
+    """The schema's query features less those named in ``without`` ("-": none)."""
+    if without == "-":
+        return schema.query_features
+    names = without.split("+")
+    known = [f.name for f in schema.query_features]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"grid entry without={without}: {unknown} not among the schema's "
+                         f"query_features {known}")
+    query = [f for f in schema.query_features if f.name not in names]
+    if not query:
+        raise ValueError(f"grid entry without={without} leaves the query no feature")
+    return query
 
 
 def tune(schema: Schema, interactions, split: Split, grid: Mapping[str, Sequence],
