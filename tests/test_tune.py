@@ -4,6 +4,7 @@ events, ranked by validation recall, the best run kept."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,20 @@ def test_tune_can_leave_query_features_out(tmp_path: Path, capsys):
                      str(tmp_path / bad), "--grid", bad, "--quiet"]) == 2
         assert message in capsys.readouterr().err
         assert not (tmp_path / bad / "run-0").exists()
+
+
+def test_a_bad_grid_fails_before_the_log_is_read(tmp_path: Path, capsys):
+    """A typo in the grid costs nothing on a large log: the grid is checked against the
+    schema first (here the log is not even there)."""
+    schema = write_log(tmp_path / "data")
+    for part in (tmp_path / "data").glob("events*"):
+        shutil.rmtree(part) if part.is_dir() else part.unlink()
+    for bad, message in [("without=user", "'user'] not among"),
+                         ("lr=0.01,-1", "learning_rate must be above 0")]:
+        assert main(["tune", "--schema", str(schema), "--split", "leave-last-out", "--out",
+                     str(tmp_path / "tune"), "--grid", bad, "--quiet"]) == 2
+        assert message in capsys.readouterr().err
+    # The same command with a good grid does reach the log, and says it is missing.
+    assert main(["tune", "--schema", str(schema), "--split", "leave-last-out", "--out",
+                 str(tmp_path / "tune"), "--grid", "lr=0.01", "--quiet"]) == 2
+    assert "events" in capsys.readouterr().err

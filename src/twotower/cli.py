@@ -486,7 +486,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _tune(args: argparse.Namespace) -> int:
     from twotower.train import TrainConfig
-    from twotower.tune import format_tuning, parse_grid, tune
+    from twotower.tune import format_tuning, parse_grid, plan, tune
 
     grid = parse_grid(args.grid)
     schema = _schema(args)
@@ -494,11 +494,12 @@ def _tune(args: argparse.Namespace) -> int:
     if kind in (None, "none"):
         raise ValueError("tune chooses on validation events: give the schema a split with "
                          "them (leave-last-out, or a column split with `valid` rows)")
-    interactions = _load(schema)
-    split = _split(kind, params, interactions)
     train = TrainConfig(batch_size=args.batch_size, epochs=args.epochs, learning_rate=args.lr,
                         correction=args.correction, seed=args.seed, shuffle=True,
                         patience=args.patience)
+    plan(schema, train, grid)  # a bad grid fails before the log is read
+    interactions = _load(schema)
+    split = _split(kind, params, interactions)
     rows = tune(schema, interactions, split, grid, train, args.out, not args.quiet,
                 {"data": interactions.report})
     print(format_tuning(rows))

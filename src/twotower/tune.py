@@ -21,7 +21,7 @@ from twotower.data.splits import Split
 from twotower.experiment import fit, memory_ids, prepare, schema_model_config
 from twotower.train import TrainConfig
 
-__all__ = ["GRID_KEYS", "format_tuning", "parse_grid", "tune"]
+__all__ = ["GRID_KEYS", "format_tuning", "parse_grid", "plan", "tune"]
 
 # What a grid may vary: settings of training, or of the model in the schema.
 TRAIN_KEYS = {"lr": ("learning_rate", float), "batch_size": ("batch_size", int),
@@ -79,6 +79,17 @@ def _query_without(schema: Schema, without: str) -> list:
     return query
 
 
+def plan(schema: Schema, train: TrainConfig,
+         grid: Mapping[str, Sequence]) -> list[tuple[dict, Schema, TrainConfig]]:
+    """Every combination of ``grid`` as ``(setting, schema, train config)``. It needs no
+    data, so a bad grid (an unknown query feature, a learning rate out of range) is an
+    error before the log is read."""
+    names = list(grid)
+    settings = [dict(zip(names, values, strict=True))
+                for values in itertools.product(*(grid[n] for n in names))]
+    return [(setting, *_settings(schema, train, setting)) for setting in settings]
+
+
 def tune(schema: Schema, interactions, split: Split, grid: Mapping[str, Sequence],
          train: TrainConfig, out: str | Path, progress: bool = False,
          extra: Mapping | None = None) -> list[dict]:
@@ -95,11 +106,7 @@ def tune(schema: Schema, interactions, split: Split, grid: Mapping[str, Sequence
                          "into a new directory: give another --out")
     ids = memory_ids(interactions)
     rows = []
-    names = list(grid)
-    settings = [dict(zip(names, values, strict=True))
-                for values in itertools.product(*(grid[n] for n in names))]
-    runs = [_settings(schema, train, setting) for setting in settings]  # errors before training
-    for number, (setting, (run_schema, config)) in enumerate(zip(settings, runs, strict=True)):
+    for number, (setting, run_schema, config) in enumerate(plan(schema, train, grid)):
         prepared = prepare(interactions, schema_model_config(run_schema, ids))
         run_dir = out / f"run-{number}"
         fit(prepared, split.train, config, run_dir, progress,
