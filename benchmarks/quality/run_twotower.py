@@ -93,6 +93,9 @@ def schema(feature: str | None, settings: dict, phase: str) -> dict:
                "history": "item_id", "length": int(settings.get("history", 50)),
                "table": "item"}
     query, item = [history], [{"name": "item_id", "kind": "id", "table": "item"}]
+    if settings.get("recent"):  # the newest items again, pooled on their own
+        query.append({"name": "recent", "kind": "id_list", "history": "item_id",
+                      "length": int(settings["recent"]), "table": "item"})
     if settings.get("user_id"):  # an ablation: the user's own id embedding as well
         query.append({"name": "user_id", "kind": "id", "table": "user"})
     if feature is not None:
@@ -108,8 +111,10 @@ def schema(feature: str | None, settings: dict, phase: str) -> dict:
 
 
 def queries(events: list[tuple], users: list[str], feature_of: dict[str, list[str]] | None,
-            path: Path) -> None:
-    """One query per target user: the history features and every item the user has seen."""
+            recent: bool, path: Path) -> None:
+    """One query per target user: the history features and every item the user has seen
+    (``recent``: the history again, as the schema's ``recent`` feature, which keeps the
+    newest)."""
     seen: dict[str, list[str]] = {}
     for user, item, _, part in events:
         if part == "train":
@@ -118,6 +123,8 @@ def queries(events: list[tuple], users: list[str], feature_of: dict[str, list[st
         for user in users:
             history = seen.get(user, [])
             query = {"user_id": user, "history": history, "exclude": history}  # user_id: the key
+            if recent:
+                query["recent"] = history
             if feature_of is not None:
                 name, values = feature_of["name"], feature_of["values"]
                 query[f"history_{name}"] = [v for item in history for v in values[item]]
@@ -174,7 +181,7 @@ def main() -> None:
         feature_of = {"name": feature,
                       "values": dict(zip(table["item_id"], table[feature], strict=True))}
     users = sorted({r["user_id"] for r in targets})
-    queries(events, users, feature_of, out / "queries.jsonl")
+    queries(events, users, feature_of, bool(settings.get("recent")), out / "queries.jsonl")
     penalty, penalties = settings.get("popularity_penalty", 0.0), None
     if penalty == "valid":
         penalty, penalties = choose_penalty(model)
