@@ -21,8 +21,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_parse_grid_reads_values_and_names_bad_entries():
     assert parse_grid(["lr=0.005,0.02", "dropout=0,0.2", "batch_size=256"]) == {
         "lr": [0.005, 0.02], "dropout": [0.0, 0.2], "batch_size": [256]}
-    assert parse_grid(["without=-,user_id,user_id+history"]) == {
-        "without": ["-", "user_id", "user_id+history"]}
+    assert parse_grid(["without=-,user_id,user_id+history", "sequence=-,history"]) == {
+        "without": ["-", "user_id", "user_id+history"], "sequence": ["-", "history"]}
     for bad, message in [("lr", "NAME=V1,V2"), ("speed=1,2", "NAME=V1,V2"),
                          ("batch_size=1.5", "batch_size takes int"), ("lr=", "NAME=V1,V2")]:
         with pytest.raises(ValueError, match=message):
@@ -84,6 +84,29 @@ def test_tune_can_leave_query_features_out(tmp_path: Path, capsys):
                      str(tmp_path / bad), "--grid", bad, "--quiet"]) == 2
         assert message in capsys.readouterr().err
         assert not (tmp_path / bad / "run-0").exists()
+
+
+def test_tune_can_read_the_history_in_order(tmp_path: Path, capsys):
+    schema = write_log(tmp_path / "data")
+    out = tmp_path / "tune"
+    assert main(["tune", "--schema", str(schema), "--split", "leave-last-out", "--out",
+                 str(out), "--grid", "sequence=-,history", "without=-,user_id", "--epochs", "2",
+                 "--quiet"]) == 0
+    rows = json.loads((out / "tuning.json").read_text())
+    assert sorted((r["sequence"], r["without"]) for r in rows) == [
+        ("-", "-"), ("-", "user_id"), ("history", "-"), ("history", "user_id")]
+    for row in rows:
+        model, _, config = load_model(out / row["run"])
+        kinds = {f["name"]: f["kind"] for f in config["schema"]["query_features"]}
+        assert kinds["history"] == ("sequence" if row["sequence"] == "history" else "id_list")
+        assert ("user_id" in kinds) == (row["without"] == "-")
+        assert list(model.query_tower.sequences) == (
+            ["history"] if row["sequence"] == "history" else [])
+    # Only histories of the item column can be sequences, and the error says which are.
+    assert main(["tune", "--schema", str(schema), "--split", "leave-last-out", "--out",
+                 str(tmp_path / "bad"), "--grid", "sequence=user_id", "--quiet"]) == 2
+    assert "['user_id'] not among the schema's histories of 'item_id' ['history']" in \
+        capsys.readouterr().err
 
 
 def test_a_bad_grid_fails_before_the_log_is_read(tmp_path: Path, capsys):

@@ -31,8 +31,14 @@ MODEL_KEYS = {"temperature": float, "dropout": float, "dim": int, "output_dim": 
 # user's own id helps depends on the log (it memorises users with few events), so a user
 # can let validation decide: `without=-,user_id`.
 WITHOUT = "without"
+# History features to read in order, by self-attention (`kind: sequence`), instead of as
+# a mean: "-" (none) or names joined by "+". Order pays on logs whose next item follows
+# from the last few, and costs time everywhere, so a user can let validation decide:
+# `sequence=-,history`.
+SEQUENCE = "sequence"
 # The type of each grid key's values.
-_KINDS = {**{k: kind for k, (_, kind) in TRAIN_KEYS.items()}, **MODEL_KEYS, WITHOUT: str}
+_KINDS = {**{k: kind for k, (_, kind) in TRAIN_KEYS.items()}, **MODEL_KEYS, WITHOUT: str,
+          SEQUENCE: str}
 GRID_KEYS: tuple[str, ...] = tuple(_KINDS)
 
 
@@ -57,6 +63,7 @@ def _settings(schema: Schema, train: TrainConfig,
               setting: Mapping[str, object]) -> tuple[Schema, TrainConfig]:
     model = {k: v for k, v in setting.items() if k in MODEL_KEYS}
     query = _query_without(schema, str(setting.get(WITHOUT, "-")))
+    query = _as_sequences(schema, query, str(setting.get(SEQUENCE, "-")))
     schema = schema.model_copy(update={"model": schema.model.model_copy(update=model),
                                        "query_features": query})
     changes = {TRAIN_KEYS[k][0]: v for k, v in setting.items() if k in TRAIN_KEYS}
@@ -88,6 +95,23 @@ def plan(schema: Schema, train: TrainConfig,
     settings = [dict(zip(names, values, strict=True))
                 for values in itertools.product(*(grid[n] for n in names))]
     return [(setting, *_settings(schema, train, setting)) for setting in settings]
+
+
+def _as_sequences(schema: Schema, query: list, names: str) -> list:
+    """``query`` with the history features named in ``names`` ("-": none) read as
+    sequences. A name must be a history of the events' item column (one id per event,
+    as a sequence needs; an attribute may be a list per item); ``without`` may leave it
+    out of this run."""
+    if names == "-":
+        return query
+    histories = [f.name for f in schema.query_features if f.history == schema.events.item]
+    chosen = names.split("+")
+    unknown = [n for n in chosen if n not in histories]
+    if unknown:
+        raise ValueError(f"grid entry sequence={names}: {unknown} not among the schema's "
+                         f"histories of {schema.events.item!r} {histories}")
+    return [type(f).model_validate({**f.model_dump(), "kind": "sequence"})
+            if f.name in chosen else f for f in query]
 
 
 def tune(schema: Schema, interactions, split: Split, grid: Mapping[str, Sequence],
