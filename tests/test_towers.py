@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -218,3 +219,51 @@ def test_schema_dropout_reaches_the_model_and_is_checked():
     for bad in (1.0, -0.5):
         with pytest.raises(ValueError, match=r"model\.dropout"):
             parse_schema({**schema, "model": {"dropout": bad}}, "schema.yaml")
+
+
+# --- history dropout ----------------------------------------------------------------------
+
+def drop_ids_by_loop(weights: list[float], offsets: list[int], keep: list[bool]) -> list[float]:
+    """The reference: per bag, the kept ids share the bag's weight sum in proportion."""
+    out = list(weights)
+    bounds = [*offsets, len(weights)]
+    for start, stop in itertools.pairwise(bounds):
+        left = sum(w for w, k in zip(weights[start:stop], keep[start:stop], strict=True) if k)
+        if left == 0:
+            continue  # a bag that would lose every id keeps them all
+        total = sum(weights[start:stop])
+        for i in range(start, stop):
+            out[i] = weights[i] * total / left if keep[i] else 0.0
+    return out
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_drop_ids_matches_a_plain_loop(seed):
+    from twotower.towers import _drop_ids
+
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(0, 6, 40)  # empty bags too
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    weights = rng.random(int(lengths.sum())).astype(np.float32)
+    torch.manual_seed(seed)
+    got = _drop_ids(torch.from_numpy(weights), torch.from_numpy(offsets), 0.4)
+    torch.manual_seed(seed)  # the same draws, to know which ids were kept
+    keep = (torch.rand(len(weights)) >= 0.4).tolist()
+    want = drop_ids_by_loop(weights.tolist(), offsets.tolist(), keep)
+    assert 0 < sum(keep) < len(keep)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5)
+
+
+def test_history_dropout_acts_only_in_training_and_only_on_the_query():
+    torch.manual_seed(0)
+    model = TwoTowerModel(make_config(history_dropout=0.5))
+    queries, items = batches(model.config, n=8)
+    with torch.no_grad():
+        model.train()
+        assert not torch.equal(model.query(queries), model.query(queries))
+        assert torch.equal(model.item(items), model.item(items))
+        model.eval()
+        assert torch.equal(model.query(queries), model.query(queries))
+
+    with pytest.raises(ValueError, match="history_dropout must be in"):
+        make_config(history_dropout=1.0)

@@ -665,8 +665,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="twotower-tune", help="directory for the runs")
     p.add_argument("--grid", nargs="+", required=True, metavar="NAME=V1,V2",
                    help="settings to try, every combination: lr, batch_size, temperature, "
-                   "dropout, dim, output_dim, mixed_negatives, correction, and without "
-                   "(query features to leave out: - for none, NAME or NAME+NAME)")
+                   "dropout, history_dropout, dim, output_dim, mixed_negatives, correction, "
+                   "and without (query features to leave out: - for none, NAME or NAME+NAME)")
     p.add_argument("--epochs", type=at_least(1), default=30, help="the most epochs of a run")
     p.add_argument("--patience", type=at_least(1), default=3)
     p.add_argument("--batch-size", type=at_least(2), default=1024)

@@ -120,7 +120,7 @@ def schema_model_config(schema: Schema, ids: IdSource) -> ModelConfig:
     return ModelConfig(tables, query,
                        [f.spec() for f in schema.item_features], list(model.hidden),
                        list(model.hidden), model.output_dim, model.normalize, model.temperature,
-                       model.dropout)
+                       model.dropout, model.history_dropout)
 
 
 @dataclass

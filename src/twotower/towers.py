@@ -35,12 +35,14 @@ class ModelConfig:
     normalize: bool = True
     temperature: float = 0.05
     dropout: float = 0.0
+    history_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name in ("dropout", "history_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         # A zero width makes a tower whose output ignores its input (it trains, uselessly).
         for side, widths in (("query_hidden", self.query_hidden),
                              ("item_hidden", self.item_hidden), ("output_dim", [self.output_dim])):
@@ -69,6 +71,7 @@ class ModelConfig:
             "normalize": self.normalize,
             "temperature": self.temperature,
             "dropout": self.dropout,
+            "history_dropout": self.history_dropout,
         }
 
     @classmethod
@@ -98,10 +101,11 @@ class Tower(nn.Module):
 
     def __init__(self, features: Sequence[FeatureSpec], tables: Mapping[str, TableSpec],
                  hidden: Sequence[int], output_dim: int, normalize: bool,
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, list_dropout: float = 0.0) -> None:
         super().__init__()
         self.features = list(features)
         self.normalize = normalize
+        self.list_dropout = list_dropout
         in_dim = sum(f.width if f.kind == "dense" else tables[f.table_name].dim
                      for f in self.features)
         self.sequences = nn.ModuleDict({
@@ -129,9 +133,27 @@ class Tower(nn.Module):
                 parts.append(self.sequences[spec.name](items, mask))
             else:
                 values, offsets, weights = value
+                if self.training and self.list_dropout:
+                    weights = _drop_ids(weights, offsets, self.list_dropout)
                 parts.append(tables[spec.table_name](values, offsets, per_sample_weights=weights))
         out = self.mlp(self.dropout(torch.cat(parts, dim=1)))
         return F.normalize(out, dim=1) if self.normalize else out
+
+
+def _drop_ids(weights: torch.Tensor, offsets: torch.Tensor, rate: float) -> torch.Tensor:
+    """Leave each id of a bag out of its pool with probability ``rate``, rescaling the
+    rest so a bag's weights keep their sum; a bag that would lose every id keeps them all.
+    On short, sparse histories the same few ids would otherwise make the same query."""
+    bag = torch.searchsorted(offsets, torch.arange(len(weights), device=weights.device),
+                             right=True) - 1
+    kept = weights * (torch.rand_like(weights) >= rate)
+    total = torch.zeros(len(offsets), dtype=weights.dtype, device=weights.device)
+    left = torch.zeros_like(total)
+    total.index_add_(0, bag, weights)
+    left.index_add_(0, bag, kept)
+    empty = (left == 0)[bag]
+    scale = torch.where(left > 0, total / left.clamp_min(1e-12), 1.0)[bag]
+    return torch.where(empty, weights, kept * scale)
 
 
 def _table(name: str, spec: TableSpec) -> nn.EmbeddingBag:
@@ -162,7 +184,8 @@ class TwoTowerModel(nn.Module):
         for table in self.tables.values():
             nn.init.normal_(table.weight, std=0.05)
         self.query_tower = Tower(config.query_features, config.tables, config.query_hidden,
-                                 config.output_dim, config.normalize, config.dropout)
+                                 config.output_dim, config.normalize, config.dropout,
+                                 config.history_dropout)
         self.item_tower = Tower(config.item_features, config.tables, config.item_hidden,
                                 config.output_dim, config.normalize, config.dropout)
 

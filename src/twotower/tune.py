@@ -26,7 +26,8 @@ __all__ = ["GRID_KEYS", "format_tuning", "parse_grid", "plan", "tune"]
 # What a grid may vary: settings of training, or of the model in the schema.
 TRAIN_KEYS = {"lr": ("learning_rate", float), "batch_size": ("batch_size", int),
               "mixed_negatives": ("mixed_negatives", int), "correction": ("correction", str)}
-MODEL_KEYS = {"temperature": float, "dropout": float, "dim": int, "output_dim": int}
+MODEL_KEYS = {"temperature": float, "dropout": float, "history_dropout": float, "dim": int,
+              "output_dim": int}
 # Query features to leave out of a run: "-" (none) or names joined by "+". Whether the
 # user's own id helps depends on the log (it memorises users with few events), so a user
 # can let validation decide: `without=-,user_id`.

@@ -143,6 +143,10 @@ class ModelSettings(_Strict):
     # Dropout on the embedding front regularises the towers on the sparse logs a schema
     # usually describes (few events per user); benchmarks/quality has the ablation rows.
     dropout: float = Field(default=0.2, ge=0, lt=1)
+    # Each id of a query's list features (the item history) left out of its mean while
+    # training: the same few items of a short history would otherwise make the same query
+    # every epoch. Neutral on long histories (benchmarks/quality has the rows).
+    history_dropout: float = Field(default=0.5, ge=0, lt=1)
 
 
 class CleaningConfig(_Strict):
