@@ -50,7 +50,7 @@ FLAGS = {"lr": "--lr", "temperature": "--temperature", "batch_size": "--batch-si
 # default temperature (negative favours popular items).
 PENALTIES = (0.0, -0.01, -0.02, -0.05)
 # Settings that go into the schema's `model` section.
-MODEL = ("dim", "hidden", "output_dim", "dropout")
+MODEL = ("dim", "hidden", "output_dim", "dropout", "history_dropout")
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -91,7 +91,7 @@ def write_items(items_csv: Path, catalogue: list[str], out: Path) -> str | None:
 def schema(feature: str | None, settings: dict, phase: str) -> dict:
     history = {"name": "history", "kind": settings.get("history_kind", "id_list"),
                "history": "item_id", "length": int(settings.get("history", 50)),
-               "table": "item"}
+               "table": settings.get("history_table", "item")}
     query, item = [history], [{"name": "item_id", "kind": "id", "table": "item"}]
     if settings.get("recent"):  # the newest items again, pooled on their own
         query.append({"name": "recent", "kind": "id_list", "history": "item_id",
@@ -106,7 +106,8 @@ def schema(feature: str | None, settings: dict, phase: str) -> dict:
                        "time": "timestamp"},
             "items": {"path": "items.parquet", "key": "item_id"},
             "missing_items": "error", "query_features": query, "item_features": item,
-            "model": {k: settings[k] for k in MODEL if k in settings},
+            # Without the setting, no history dropout: what the earlier records measured.
+            "model": {"history_dropout": 0.0, **{k: settings[k] for k in MODEL if k in settings}},
             **({"split": {"kind": "column", "column": "part"}} if phase == "valid" else {})}
 
 

@@ -60,7 +60,8 @@ SYSTEMS = {s.name: s for s in [
     # The popularity penalty at serving is chosen on valid after the epoch, as a user would
     # (`twotower evaluate --on valid --popularity-penalty B`; run_twotower.PENALTIES).
     System("twotower", "run_twotower.py", None, TWOTOWER_GRID,
-           {"lr": 0.005, "popularity_penalty": "valid", "mixed_negatives": 1024}),
+           {"lr": 0.005, "popularity_penalty": "valid", "mixed_negatives": 1024,
+            "history_dropout": 0.5}),
     # The same without the sampling-bias correction (`--correction none`), same grid.
     System("twotower-none", "run_twotower.py", None, TWOTOWER_GRID,
            {"lr": 0.005, "correction": "none", "mixed_negatives": 1024}),
