@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from twotower.features import EncodedFeatures, FeatureSpec, TableSpec
-from twotower.towers import ModelConfig, TwoTowerModel
+from twotower.towers import ModelConfig, TwoTowerModel, _drop_ids
 
 
 def make_config(**overrides) -> ModelConfig:
@@ -239,8 +239,6 @@ def drop_ids_by_loop(weights: list[float], offsets: list[int], keep: list[bool])
 
 @pytest.mark.parametrize("seed", range(5))
 def test_drop_ids_matches_a_plain_loop(seed):
-    from twotower.towers import _drop_ids
-
     rng = np.random.default_rng(seed)
     lengths = rng.integers(0, 6, 40)  # empty bags too
     offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])

@@ -146,14 +146,11 @@ def _drop_ids(weights: torch.Tensor, offsets: torch.Tensor, rate: float) -> torc
     On short, sparse histories the same few ids would otherwise make the same query."""
     bag = torch.searchsorted(offsets, torch.arange(len(weights), device=weights.device),
                              right=True) - 1
-    kept = weights * (torch.rand_like(weights) >= rate)
-    total = torch.zeros(len(offsets), dtype=weights.dtype, device=weights.device)
-    left = torch.zeros_like(total)
-    total.index_add_(0, bag, weights)
-    left.index_add_(0, bag, kept)
-    empty = (left == 0)[bag]
-    scale = torch.where(left > 0, total / left.clamp_min(1e-12), 1.0)[bag]
-    return torch.where(empty, weights, kept * scale)
+    keep = torch.rand_like(weights) >= rate
+    total = weights.new_zeros(len(offsets)).index_add_(0, bag, weights)
+    left = weights.new_zeros(len(offsets)).index_add_(0, bag, weights * keep)
+    keep |= (left == 0)[bag]
+    return weights * keep * torch.where(left > 0, total / left, 1.0)[bag]
 
 
 def _table(name: str, spec: TableSpec) -> nn.EmbeddingBag:
