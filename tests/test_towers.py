@@ -193,12 +193,13 @@ def test_config_without_dropout_or_length_still_loads(tmp_path):
     old.mkdir()
     shutil.copy(tmp_path / "new" / WEIGHTS, old / WEIGHTS)
     stored = json.loads((tmp_path / "new" / CONFIG).read_text())
-    del stored["model"]["dropout"]
+    del stored["model"]["dropout"], stored["model"]["history_dropout"]
     for feature in stored["model"]["query_features"] + stored["model"]["item_features"]:
         del feature["length"]
     (old / CONFIG).write_text(json.dumps(stored))
     loaded, _, _ = load_model(old)
     assert loaded.config == model.config and loaded.config.dropout == 0.0
+    assert loaded.config.history_dropout == 0.0
     queries, _ = batches(model.config)
     with torch.no_grad():
         assert torch.equal(loaded.query(queries), model.eval().query(queries))
@@ -219,6 +220,22 @@ def test_schema_dropout_reaches_the_model_and_is_checked():
     for bad in (1.0, -0.5):
         with pytest.raises(ValueError, match=r"model\.dropout"):
             parse_schema({**schema, "model": {"dropout": bad}}, "schema.yaml")
+
+
+def test_schema_history_dropout_reaches_the_model_and_is_checked():
+    from twotower.data.schema import parse_schema
+    from twotower.experiment import schema_model_config
+
+    schema = {"events": {"path": "events.parquet"}, "items": {"path": "items.parquet"},
+              "query_features": [{"name": "user_id", "kind": "id"}],
+              "item_features": [{"name": "item_id", "kind": "id"}]}
+    distinct = {"user_id": np.arange(5), "item_id": np.arange(7)}
+    parsed = parse_schema({**schema, "model": {"history_dropout": 0.3}}, "schema.yaml")
+    assert schema_model_config(parsed, lambda where, name: distinct[name]).history_dropout == 0.3
+    assert parse_schema(schema, "schema.yaml").model.history_dropout == 0.5  # the default
+    for bad in (1.0, -0.1, "half"):
+        with pytest.raises(ValueError, match=r"model\.history_dropout"):
+            parse_schema({**schema, "model": {"history_dropout": bad}}, "schema.yaml")
 
 
 # --- history dropout ----------------------------------------------------------------------
