@@ -78,8 +78,9 @@ def run_one(system: System, dataset: str, split: Path, phase: str, settings: dic
            "--patience", str(budget["patience"])]
     print(f"[bench] {dataset} {system.name} {phase} {tag} seed {seed}", file=sys.stderr, flush=True)
     start = time.time()
+    # Appended to: a resumable runner started again goes on where the log left off.
     with open(out.parent.mkdir(parents=True, exist_ok=True) or out.parent / f"{out.name}.log",
-              "w") as log:
+              "a") as log:
         subprocess.run(["nice", "-n", "10", *cmd], check=True, stdout=log, stderr=log,
                        env={**os.environ, **THREADS}, cwd=HERE)
     run = json.loads((out / "run.json").read_text())

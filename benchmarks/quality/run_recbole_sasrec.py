@@ -8,12 +8,18 @@ RecBole's sequential data augmentation builds them: every prefix of a user's fit
 sequence (its last 50 items) predicts the item that follows. Training is RecBole's
 default learner (Adam, no weight decay) over shuffled batches; top-100 comes from the
 model's ``full_sort_predict`` over the whole catalogue with the user's fit items removed.
+A run saves its state after every epoch and goes on from there when started again
+(``runner_lib.Checkpoint``): on a large catalogue one run takes many CPU hours.
 
 The model's item vocabulary is the whole catalogue (index 0 is RecBole's padding item),
 so every item can be ranked, as for the other systems.
 """
 
 from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -101,6 +107,21 @@ class Runner:
             loss.backward()
             self.optimizer.step()
         return len(targets)
+
+    def save_state(self, path: Path) -> None:
+        """Weights, Adam's moments and both random streams (shuffling and dropout)."""
+        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "torch_rng": torch.get_rng_state(),
+                    "shuffle_rng": json.dumps(self.generator.bit_generator.state)},
+                   path.with_suffix(".tmp"))
+        os.replace(path.with_suffix(".tmp"), path)
+
+    def load_state(self, path: Path) -> None:
+        state = torch.load(path, weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        self.generator.bit_generator.state = json.loads(state["shuffle_rng"])
 
     @torch.no_grad()
     def recommend(self, users: np.ndarray, k: int) -> list[list[int]]:

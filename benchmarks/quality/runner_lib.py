@@ -148,7 +148,10 @@ def run(build: Callable[[Data, dict, int], Model], description: str,
         max_epochs: int | None = None) -> None:
     """The whole runner: load, build, train (with early stopping in ``valid``), predict.
 
-    ``max_epochs`` caps the epochs for systems with a fixed number (MostPop: 1).
+    ``max_epochs`` caps the epochs for systems with a fixed number (MostPop: 1). A model
+    with ``save_state``/``load_state`` (a Resumable) is saved after every epoch, and a run
+    started again with the same ``--out`` goes on from its last saved epoch: a run that
+    takes longer than the machine is held survives being stopped.
     """
     args = parse_args(description)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -164,34 +167,103 @@ def run(build: Callable[[Data, dict, int], Model], description: str,
     from evaluate import evaluate
 
     preds, best_preds = args.out / "predictions.jsonl", args.out / "best.jsonl"
-    seconds, examples, best, best_epoch, stale, curve = 0.0, 0, -1.0, 0, 0, []
-    for epoch in range(1, epochs + 1):
+    checkpoint = Checkpoint(args.out, model)
+    loop = checkpoint.restore() or {"epoch": 0, "seconds": 0.0, "examples": 0, "best": -1.0,
+                                    "best_epoch": 0, "stale": 0, "curve": [],
+                                    "predict_seconds": None}
+    stop = False
+    for epoch in range(loop["epoch"] + 1, epochs + 1):
         start = time.perf_counter()
-        examples += model.train_epoch()
-        seconds += time.perf_counter() - start
-        if epoch % every and epoch != epochs:
-            continue
-        start = time.perf_counter()
-        write_predictions(model, data, preds)
-        predict_seconds = time.perf_counter() - start
-        if args.phase == "test":
-            best_epoch = epoch
+        loop["examples"] += model.train_epoch()
+        loop["seconds"] += time.perf_counter() - start
+        loop["epoch"] = epoch
+        print(f"[{args.out.name}] epoch {epoch} trained ({loop['seconds']:.0f}s)",
+              file=sys.stderr, flush=True)
+        if epoch % every == 0 or epoch == epochs:
+            start = time.perf_counter()
+            write_predictions(model, data, preds)
+            loop["predict_seconds"] = time.perf_counter() - start
+            if args.phase == "test":
+                loop["best_epoch"], stop = epoch, True
+            else:
+                stop = _check(loop, evaluate(preds, args.split_dir, "valid")["recall@50"],
+                              args, preds, best_preds)
+        if stop or epoch == epochs:
             break
-        recall = evaluate(preds, args.split_dir, "valid")["recall@50"]
-        curve.append({"epoch": epoch, "recall@50": recall, "train_seconds": round(seconds, 2)})
-        print(f"[{args.out.name}] epoch {epoch} valid recall@50 {recall:.4f} "
-              f"({seconds:.0f}s)", file=sys.stderr, flush=True)
-        if recall > best:
-            best, best_epoch, stale = recall, epoch, 0
-            os.replace(preds, best_preds)
-        else:
-            stale += 1
-            if stale >= args.patience:
-                break
+        checkpoint.save(loop)
     if args.phase == "valid":
         os.replace(best_preds, preds)
+    seconds, examples = loop["seconds"], loop["examples"]
     report = {"train_seconds": seconds, "examples": examples,
               "examples_per_second": examples / seconds if seconds else None,
-              "epochs_trained": epoch, "best_epoch": best_epoch,
-              "predict_seconds": predict_seconds, "curve": curve}
+              "epochs_trained": loop["epoch"], "best_epoch": loop["best_epoch"],
+              "predict_seconds": loop["predict_seconds"], "curve": loop["curve"]}
     (args.out / "run.json").write_text(json.dumps(report, indent=1) + "\n")
+    checkpoint.clear()
+
+
+def _check(loop: dict, recall: float, args: argparse.Namespace, preds: Path,
+           best_preds: Path) -> bool:
+    """Record one valid check; keep the predictions if best; True when patience runs out."""
+    epoch = loop["epoch"]
+    loop["curve"].append({"epoch": epoch, "recall@50": recall,
+                          "train_seconds": round(loop["seconds"], 2)})
+    print(f"[{args.out.name}] epoch {epoch} valid recall@50 {recall:.4f} "
+          f"({loop['seconds']:.0f}s)", file=sys.stderr, flush=True)
+    if recall > loop["best"]:
+        loop["best"], loop["best_epoch"], loop["stale"] = recall, epoch, 0
+        os.replace(preds, best_preds)
+        return False
+    loop["stale"] += 1
+    return loop["stale"] >= args.patience
+
+
+class Resumable(Protocol):
+    """A model that can be saved after an epoch and carried on from there."""
+
+    def save_state(self, path: Path) -> None:
+        """Write everything the next epoch depends on (weights, optimiser, random state)."""
+
+    def load_state(self, path: Path) -> None:
+        """Read back what ``save_state`` wrote."""
+
+
+class Checkpoint:
+    """The epoch loop's state beside the model's, in ``DIR/resume/``.
+
+    The model's state goes to a file named for its epoch, and ``loop.json`` (written last,
+    by rename) names it: a run stopped at any moment restarts from a consistent pair.
+    """
+
+    def __init__(self, out: Path, model: Model) -> None:
+        self.dir = out / "resume"
+        self.model = model if hasattr(model, "save_state") else None
+
+    def restore(self) -> dict | None:
+        path = self.dir / "loop.json"
+        if self.model is None or not path.exists():
+            return None
+        loop = json.loads(path.read_text())
+        self.model.load_state(self.dir / loop["state"])
+        print(f"[{self.dir.parent.name}] resumed after epoch {loop['epoch']}",
+              file=sys.stderr, flush=True)
+        return loop
+
+    def save(self, loop: dict) -> None:
+        if self.model is None:
+            return
+        self.dir.mkdir(exist_ok=True)
+        name = f"epoch{loop['epoch']}.state"
+        self.model.save_state(self.dir / name)
+        tmp = self.dir / "loop.json.tmp"
+        tmp.write_text(json.dumps({**loop, "state": name}))
+        os.replace(tmp, self.dir / "loop.json")
+        for old in self.dir.glob("epoch*.state"):
+            if old.name != name:
+                old.unlink()
+
+    def clear(self) -> None:
+        if self.dir.exists():
+            for path in self.dir.iterdir():
+                path.unlink()
+            self.dir.rmdir()
