@@ -1,7 +1,7 @@
 """Quality of the peers under the next-item protocol, with one command.
 
     python benchmarks/quality/bench_quality.py [--datasets amazon-sports] \
-        [--systems tfrs tfrs-logq] [--max-epochs 30] [--jobs 2]
+        [--systems tfrs tfrs-logq] [--max-epochs 20] [--jobs 2]
 
 For each data set present and each system: every grid setting is trained on ``valid``
 (seed 0, early stopping on valid Recall@50), the best one is retrained on ``test`` with
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--datasets", nargs="+", default=list(prepare.DATASETS),
                     choices=prepare.DATASETS)
     ap.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS))
-    ap.add_argument("--max-epochs", type=int, default=30)
+    ap.add_argument("--max-epochs", type=int, default=20)
     ap.add_argument("--eval-every", type=int, default=2, help="epochs between valid checks")
     ap.add_argument("--patience", type=int, default=2, help="checks without a gain")
     ap.add_argument("--max-settings", type=int, default=None,

@@ -3,7 +3,7 @@
 The same command line as the peers' runners (``runner_lib.py``):
 
     python run_twotower.py --split-dir SPLIT --phase valid|test --settings '{"lr": 0.01}' \
-        --seed 0 --out DIR [--max-epochs 30 --patience 2]
+        --seed 0 --out DIR [--max-epochs 20 --patience 2]
 
 What it does, as a user with this split would:
 

@@ -9,7 +9,7 @@ the standard library and numpy, plus the protocol's own ``protocol.py`` and
 Command line (the driver, ``bench_quality.py``, calls it; so can a person):
 
     python run_X.py --split-dir SPLIT --phase valid|test --settings '{"lr": 0.1}' \
-        --seed 0 --out DIR [--max-epochs 30 --eval-every 2 --patience 2]
+        --seed 0 --out DIR [--max-epochs 20 --eval-every 2 --patience 2]
 
 ``valid``: trains up to ``--max-epochs``, scores valid Recall@50 every ``--eval-every``
 epochs, stops after ``--patience`` checks without a gain, and keeps the best checkpoint's
@@ -138,7 +138,7 @@ def parse_args(description: str) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--protocol-dir", type=Path,
                     default=Path(__file__).resolve().parents[3] / "shared" / "protocol")
-    ap.add_argument("--max-epochs", type=int, default=30)
+    ap.add_argument("--max-epochs", type=int, default=20)
     ap.add_argument("--eval-every", type=int, default=2)
     ap.add_argument("--patience", type=int, default=2, help="checks without a gain")
     return ap.parse_args()

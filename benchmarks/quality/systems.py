@@ -64,7 +64,8 @@ SYSTEMS = {s.name: s for s in [
             "history_dropout": 0.5}),
     # The same without the sampling-bias correction (`--correction none`), same grid.
     System("twotower-none", "run_twotower.py", None, TWOTOWER_GRID,
-           {"lr": 0.005, "correction": "none", "mixed_negatives": 1024}),
+           {"lr": 0.005, "correction": "none", "mixed_negatives": 1024,
+            "history_dropout": 0.5}),
     # The faster-learning learning rate first: `--max-settings 1` tries it alone.
     System("recbole-sasrec", "run_recbole_sasrec.py", "recbole",
            grid(learning_rate=[0.003, 0.001], dropout=[0.2, 0.5]),
