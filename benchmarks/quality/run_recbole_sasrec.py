@@ -18,7 +18,6 @@ so every item can be ranked, as for the other systems.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -109,12 +108,12 @@ class Runner:
         return len(targets)
 
     def save_state(self, path: Path) -> None:
-        """Weights, Adam's moments and both random streams (shuffling and dropout)."""
+        """Weights, Adam's moments and both random streams (shuffling and dropout).
+
+        Not atomic by itself: ``Checkpoint`` names a state file only once it is written."""
         torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                     "torch_rng": torch.get_rng_state(),
-                    "shuffle_rng": json.dumps(self.generator.bit_generator.state)},
-                   path.with_suffix(".tmp"))
-        os.replace(path.with_suffix(".tmp"), path)
+                    "shuffle_rng": json.dumps(self.generator.bit_generator.state)}, path)
 
     def load_state(self, path: Path) -> None:
         state = torch.load(path, weights_only=True)

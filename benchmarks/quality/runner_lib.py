@@ -24,6 +24,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -237,7 +238,7 @@ class Checkpoint:
 
     def __init__(self, out: Path, model: Model) -> None:
         self.dir = out / "resume"
-        self.model = model if hasattr(model, "save_state") else None
+        self.model: Resumable | None = model if hasattr(model, "save_state") else None
 
     def restore(self) -> dict | None:
         path = self.dir / "loop.json"
@@ -263,7 +264,4 @@ class Checkpoint:
                 old.unlink()
 
     def clear(self) -> None:
-        if self.dir.exists():
-            for path in self.dir.iterdir():
-                path.unlink()
-            self.dir.rmdir()
+        shutil.rmtree(self.dir, ignore_errors=True)
