@@ -8,7 +8,9 @@ For each data set present and each system: every grid setting is trained on ``va
 seeds 0, 1, 2 for the epochs it stopped at, and every run is scored by the protocol's
 ``evaluate.py``. Each run appends one record to ``results/results.json`` as soon as it
 ends (a run already recorded with the same settings is skipped, so an interrupted
-benchmark resumes), and the table in ``README.md`` is rewritten from those records.
+benchmark resumes; so is one that stopped early under a smaller epoch cap, which a larger
+cap would not have changed), and the table in ``README.md`` is rewritten from those
+records.
 """
 
 from __future__ import annotations
@@ -54,13 +56,30 @@ def append_result(record: dict) -> None:
         os.replace(tmp, RESULTS)
 
 
+def reusable(record: dict, phase: str, budget: dict) -> bool:
+    """Whether a record stands for a run under ``budget``. A test refit trains a fixed
+    number of epochs, so any budget's will do; a valid run will if it has the same check
+    interval and patience and stopped on its own before both caps (the cap never bit)."""
+    if phase == "test" or record["budget"] == budget:
+        return True
+    old, epochs = record["budget"], record["epochs_trained"]
+    return ((old["eval_every"], old["patience"]) == (budget["eval_every"], budget["patience"])
+            and epochs < old["max_epochs"] and epochs <= budget["max_epochs"])
+
+
 def find(dataset: str, system: str, phase: str, settings: dict, seed: int,
          budget: dict) -> dict | None:
-    for r in load_results():
-        if (r["dataset"], r["system"], r["phase"], r["settings"], r["seed"], r["budget"]) == (
-                dataset, system, phase, settings, seed, budget):
-            return r
-    return None
+    """The record of this run under ``budget``: its own, else the latest that stands for it
+    (recorded again under ``budget``, with ``reused_from`` naming the budget it ran under)."""
+    same = [r for r in load_results()
+            if (r["dataset"], r["system"], r["phase"], r["settings"], r["seed"]) == (
+                dataset, system, phase, settings, seed) and reusable(r, phase, budget)]
+    own = [r for r in same if r["budget"] == budget]
+    if own or not same:
+        return own[-1] if own else None
+    record = {**same[-1], "budget": budget, "reused_from": same[-1]["budget"]}
+    append_result(record)
+    return record
 
 
 def run_one(system: System, dataset: str, split: Path, phase: str, settings: dict, seed: int,

@@ -38,10 +38,10 @@ def short(settings: dict) -> str:
 
 
 def table(records: list[dict], not_run: dict[str, str]) -> str:
-    head = ("| data set | system | chosen on valid (valid R@50) | test seeds | Recall@10 | "
-            "Recall@50 | Recall@100 | NDCG@10 | tail Recall@50 | coverage@10 | "
+    head = ("| data set | system | chosen on valid (valid R@50) | epoch cap | test seeds | "
+            "Recall@10 | Recall@50 | Recall@100 | NDCG@10 | tail Recall@50 | coverage@10 | "
             "train s (test) | examples/s |")
-    lines = [head, "|" + "---|" * 12]
+    lines = [head, "|" + "---|" * 13]
     for dataset in DATASETS:
         for system in SYSTEMS:
             rows = [r for r in records if r["dataset"] == dataset and r["system"] == system]
@@ -54,7 +54,7 @@ def table(records: list[dict], not_run: dict[str, str]) -> str:
                     reason += (f"; valid only, {len(valid)} setting(s): best valid R@50 "
                                f"{100 * best['metrics']['recall@50']:.2f} with "
                                f"{short(best['settings'])}, epoch {best['best_epoch']}")
-                lines.append(f"| {dataset} | {system} | not run ({reason}) |" + " |" * 9)
+                lines.append(f"| {dataset} | {system} | not run ({reason}) |" + " |" * 10)
                 continue
             # The latest test setting and budget; earlier budgets stay in results.json only.
             chosen, budget = test[-1]["settings"], test[-1]["budget"]
@@ -66,7 +66,10 @@ def table(records: list[dict], not_run: dict[str, str]) -> str:
             cells = [mean_std([r["metrics"][m] for r in test]) for m in METRICS]
             seconds = statistics.mean(r["train_seconds"] for r in test)
             speed = statistics.mean(r["examples_per_second"] for r in test)
-            lines.append(f"| {dataset} | {system} | {short(chosen)}{valid_r50} | {len(test)} | "
+            # the driver's --max-epochs (BPR's epochs are scaled up; see systems.py)
+            cap = budget["max_epochs"] // SYSTEMS[system].epoch_scale
+            lines.append(f"| {dataset} | {system} | {short(chosen)}{valid_r50} | {cap} | "
+                         f"{len(test)} | "
                          + " | ".join(cells) + f" | {seconds:.0f} | {speed:,.0f} |")
     commands = sorted({r["command"] for r in records})
     return "\n".join([*lines, "", "Made by:", "", *(f"    {c}" for c in commands)])
