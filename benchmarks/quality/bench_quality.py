@@ -69,23 +69,21 @@ def reusable(record: dict, phase: str, budget: dict) -> bool:
 
 def find(dataset: str, system: str, phase: str, settings: dict, seed: int,
          budget: dict) -> dict | None:
-    """The record of this run under ``budget``: its own, else the latest that stands for it
-    (recorded again under ``budget``, with ``reused_from`` naming the budget it ran under)."""
+    """The record of this run under ``budget``: its own, else the latest that stands for it."""
     same = [r for r in load_results()
             if (r["dataset"], r["system"], r["phase"], r["settings"], r["seed"]) == (
                 dataset, system, phase, settings, seed) and reusable(r, phase, budget)]
     own = [r for r in same if r["budget"] == budget]
-    if own or not same:
-        return own[-1] if own else None
-    record = {**same[-1], "budget": budget, "reused_from": same[-1]["budget"]}
-    append_result(record)
-    return record
+    return (own or same or [None])[-1]
 
 
 def run_one(system: System, dataset: str, split: Path, phase: str, settings: dict, seed: int,
             budget: dict, args: argparse.Namespace) -> dict:
     """Train and score one setting (or return its record if already there)."""
     done = find(dataset, system.name, phase, settings, seed, budget)
+    if done and done["budget"] != budget:  # recorded again under this budget, saying whence
+        done = {**done, "budget": budget, "reused_from": done["budget"]}
+        append_result(done)
     if done:
         return done
     tag = "-".join(f"{k}{v}" for k, v in settings.items() if k not in system.fixed) or "default"
