@@ -3,10 +3,14 @@
 A mean over a user's last items forgets which came last, and for predicting the next
 item the newest ones matter most. As in SASRec (Kang and McAuley, 2018), the item
 embeddings get a learned embedding of their recency and pass through a few
-Transformer layers; here a learned "now" token sits in front of the history and its
-output is the feature's vector, so an empty history (a user's first event) is simply
-the token alone. The history holds only events before the query's own, so every
-position may attend to every other: no causal mask is needed.
+Transformer layers, and the newest item's output is the feature's vector: as in SASRec,
+whose last position is the query, the newest item's own embedding reaches the output
+through the residual path instead of having to be picked out by attention (on a log
+whose next item follows from the newest one, that output learns it far better than a
+summary token's). A learned "now" token sits in front of the history, as context every
+position can attend to and as the output when the history is empty (a user's first
+event). The history holds only events before the query's own, so every position may
+attend to every other: no causal mask is needed.
 """
 
 from __future__ import annotations
@@ -41,4 +45,7 @@ class SequenceEncoder(nn.Module):
         x = torch.cat([now, items], dim=1) + self.recency.weight[:length + 1]
         padding = torch.cat([torch.zeros(batch, 1, dtype=torch.bool, device=mask.device),
                              ~mask], dim=1)
-        return self.norm(self.encoder(x, src_key_padding_mask=padding)[:, 0])
+        out = self.encoder(x, src_key_padding_mask=padding)
+        # The newest item's output (position 1) when there is one, else the now token's.
+        newest = mask[:, 0].long() if length else mask.new_zeros(batch, dtype=torch.long)
+        return self.norm(out[torch.arange(batch, device=out.device), newest])
