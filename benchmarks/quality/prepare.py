@@ -1,9 +1,12 @@
-"""Turn each shared data set into the protocol's input and split it.
+"""Turn each data set into the protocol's input and split it.
 
 The protocol reads ``events.csv`` (user_id,item_id,timestamp,rating) and ``items.csv``
 (item_id + features); the shared logs are Parquet with a different ordering column per
-set. Nothing is cleaned here: the protocol is applied to the raw log as given, duplicates
-included (their count is reported, since the protocol treats them as events).
+set. MovieLens 100K (``ml-100k``) is not among them: it comes with RecBole's package (its
+``dataset_example/ml-100k``, tab-separated), so it is read from the ``recbole``
+environment (``venvs.py``). Nothing is cleaned here: the protocol is applied to the raw
+log as given, duplicates included (their count is reported, since the protocol treats
+them as events).
 
     python benchmarks/quality/prepare.py [--datasets amazon-sports ciao] [--work DIR]
 
@@ -22,10 +25,13 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-DATASETS = ("amazon-sports", "ciao", "epinions")
+DATASETS = ("amazon-sports", "ciao", "epinions", "ml-100k")
 # The column that orders a user's events, and the item feature column, per data set.
-ORDER_COLUMN = {"amazon-sports": "position", "ciao": "timestamp", "epinions": "period"}
-FEATURE_COLUMN = {"amazon-sports": "attributes", "ciao": "category", "epinions": "category"}
+ORDER_COLUMN = {"amazon-sports": "position", "ciao": "timestamp", "epinions": "period",
+                "ml-100k": "timestamp"}
+FEATURE_COLUMN = {"amazon-sports": "attributes", "ciao": "category", "epinions": "category",
+                  "ml-100k": "genres"}
+PACKAGED = {"ml-100k"}  # read from RecBole's package, not from the shared data
 
 
 def default_paths() -> dict[str, Path]:
@@ -34,11 +40,50 @@ def default_paths() -> dict[str, Path]:
     return {"data": shared / "data", "protocol": shared / "protocol", "work": HERE / "work"}
 
 
-def convert(name: str, source: Path, out: Path) -> dict:
-    """Write ``out/events.csv`` and ``out/items.csv``; return counts for the report."""
+def recbole_example(name: str) -> Path:
+    """RecBole's copy of a data set (``dataset_example/NAME``), found without importing
+    RecBole (which imports torch)."""
+    sys.path.insert(0, str(HERE))
+    from venvs import python
+
+    code = ("import importlib.util; "
+            "print(importlib.util.find_spec('recbole').submodule_search_locations[0])")
+    package = subprocess.run([python("recbole"), "-c", code], check=True, capture_output=True,
+                             text=True).stdout.strip()
+    return Path(package) / "dataset_example" / name
+
+
+def read_atomic(path: Path) -> dict[str, list[str]]:
+    """A RecBole atomic file (tab-separated, header ``name:type``) as columns of text."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        rows = [line.rstrip("\n").split("\t") for line in f]
+    names = [field.partition(":")[0] for field in rows[0]]
+    return {n: [row[i] if i < len(row) else "" for row in rows[1:]] for i, n in enumerate(names)}
+
+
+def movielens_tables(source: Path) -> tuple[dict[str, list], dict[str, list]]:
+    """MovieLens 100K's ratings and movies as columns; a movie's genres become a list."""
+    inter = read_atomic(source / "ml-100k.inter")
+    events = {"user_id": inter["user_id"], "item_id": inter["item_id"],
+              "timestamp": [int(float(t)) for t in inter["timestamp"]], "rating": inter["rating"]}
+    movies = read_atomic(source / "ml-100k.item")
+    items = {"item_id": movies["item_id"], "genres": [c.split() for c in movies["class"]]}
+    return events, items
+
+
+def read_tables(name: str, source: Path) -> tuple[dict[str, list], dict[str, list]]:
+    """A data set's events and items as columns (the shared ones from Parquet)."""
+    if name == "ml-100k":
+        return movielens_tables(source)
     import pyarrow.parquet as pq
 
-    events = pq.read_table(source / "events.parquet").to_pydict()
+    return (pq.read_table(source / "events.parquet").to_pydict(),
+            pq.read_table(source / "items.parquet").to_pydict())
+
+
+def convert(name: str, source: Path, out: Path) -> dict:
+    """Write ``out/events.csv`` and ``out/items.csv``; return counts for the report."""
+    events, items = read_tables(name, source)
     order = events[ORDER_COLUMN[name]]
     ratings = events.get("rating", [""] * len(order))
     out.mkdir(parents=True, exist_ok=True)
@@ -48,7 +93,6 @@ def convert(name: str, source: Path, out: Path) -> dict:
         w.writerows(zip(events["user_id"], events["item_id"], order, ratings, strict=True))
     pairs = set(zip(events["user_id"], events["item_id"], strict=True))
 
-    items = pq.read_table(source / "items.parquet").to_pydict()
     feature = FEATURE_COLUMN[name]
     with open(out / "items.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -62,12 +106,13 @@ def convert(name: str, source: Path, out: Path) -> dict:
 
 def prepare(name: str, data: Path, protocol: Path, work: Path, force: bool = False) -> Path | None:
     """Split directory for ``name``, made if missing; ``None`` when the data set is absent."""
-    source, out = data / name, work / name
-    if not (source / "events.parquet").exists():
-        print(f"[prepare] {name}: not found under {source}, skipped", file=sys.stderr)
-        return None
+    out = work / name
     if (out / "split" / "split_meta.json").exists() and not force:
         return out / "split"
+    source = recbole_example(name) if name in PACKAGED else data / name
+    if not any((source / f).exists() for f in ("events.parquet", f"{name}.inter")):
+        print(f"[prepare] {name}: not found under {source}, skipped", file=sys.stderr)
+        return None
     report = convert(name, source, out)
     print(f"[prepare] {name}: {json.dumps(report)}", file=sys.stderr)
     subprocess.run([sys.executable, str(protocol / "protocol.py"), "split", "--data-dir", str(out)],
