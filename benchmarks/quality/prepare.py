@@ -23,6 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from venvs import python
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 DATASETS = ("amazon-sports", "ciao", "epinions", "ml-100k")
@@ -31,7 +33,6 @@ ORDER_COLUMN = {"amazon-sports": "position", "ciao": "timestamp", "epinions": "p
                 "ml-100k": "timestamp"}
 FEATURE_COLUMN = {"amazon-sports": "attributes", "ciao": "category", "epinions": "category",
                   "ml-100k": "genres"}
-PACKAGED = {"ml-100k"}  # read from RecBole's package, not from the shared data
 
 
 def default_paths() -> dict[str, Path]:
@@ -43,9 +44,6 @@ def default_paths() -> dict[str, Path]:
 def recbole_example(name: str) -> Path:
     """RecBole's copy of a data set (``dataset_example/NAME``), found without importing
     RecBole (which imports torch)."""
-    sys.path.insert(0, str(HERE))
-    from venvs import python
-
     code = ("import importlib.util; "
             "print(importlib.util.find_spec('recbole').submodule_search_locations[0])")
     package = subprocess.run([python("recbole"), "-c", code], check=True, capture_output=True,
@@ -71,10 +69,14 @@ def movielens_tables(source: Path) -> tuple[dict[str, list], dict[str, list]]:
     return events, items
 
 
+# Data sets read from RecBole's package, not from the shared data, with their readers.
+PACKAGED = {"ml-100k": movielens_tables}
+
+
 def read_tables(name: str, source: Path) -> tuple[dict[str, list], dict[str, list]]:
     """A data set's events and items as columns (the shared ones from Parquet)."""
-    if name == "ml-100k":
-        return movielens_tables(source)
+    if name in PACKAGED:
+        return PACKAGED[name](source)
     import pyarrow.parquet as pq
 
     return (pq.read_table(source / "events.parquet").to_pydict(),
@@ -110,7 +112,7 @@ def prepare(name: str, data: Path, protocol: Path, work: Path, force: bool = Fal
     if (out / "split" / "split_meta.json").exists() and not force:
         return out / "split"
     source = recbole_example(name) if name in PACKAGED else data / name
-    if not any((source / f).exists() for f in ("events.parquet", f"{name}.inter")):
+    if name not in PACKAGED and not (source / "events.parquet").exists():
         print(f"[prepare] {name}: not found under {source}, skipped", file=sys.stderr)
         return None
     report = convert(name, source, out)
@@ -134,9 +136,6 @@ def main(argv: list[str] | None = None) -> None:
     try:
         import pyarrow  # noqa: F401
     except ImportError:
-        sys.path.insert(0, str(HERE))
-        from venvs import python
-
         os.execv(python("data"), [python("data"), __file__, *(argv or sys.argv[1:])])
     for name in args.datasets:
         split = prepare(name, args.data_dir, args.protocol_dir, args.work, args.force)

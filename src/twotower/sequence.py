@@ -47,5 +47,5 @@ class SequenceEncoder(nn.Module):
                              ~mask], dim=1)
         out = self.encoder(x, src_key_padding_mask=padding)
         # The newest item's output (position 1) when there is one, else the now token's.
-        newest = mask[:, 0].long() if length else mask.new_zeros(batch, dtype=torch.long)
+        newest = mask.any(dim=1).long()
         return self.norm(out[torch.arange(batch, device=out.device), newest])
