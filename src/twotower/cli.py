@@ -78,7 +78,8 @@ def _flag_columns(args: argparse.Namespace):
 
     return Columns(user=args.user_column, item=args.item_column, timestamp=args.time_column,
                    reward=None if args.reward_column == "" else args.reward_column,
-                   item_features=tuple(args.item_features), history_length=args.history)
+                   item_features=tuple(args.item_features), history_length=args.history,
+                   ties=args.ties)
 
 
 def _load(schema):
@@ -627,6 +628,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="without --schema")
     p.add_argument("--history", type=at_least(0), default=20,
                    help="without --schema: history length")
+    p.add_argument("--ties", choices=["simultaneous", "ordered"], default="simultaneous",
+                   help="without --schema: whether a user's events at the same time see "
+                        "the earlier ones in file order (ordered) or none (simultaneous)")
     _split_arguments(p, none=True)
     p.add_argument("--until", type=int, help="train only on events before this time "
                                              "(same as --split time --cutoff)")

@@ -18,7 +18,6 @@ import pyarrow as pa
 import torch
 
 from twotower.data.corpus import ItemCorpus
-from twotower.data.history import seen_before
 from twotower.data.interactions import HISTORY, Columns, Interactions
 from twotower.data.schema import Schema, TableConfig
 from twotower.data.streaming import EventStream, StreamingTrainingData
@@ -211,7 +210,7 @@ def score(model: TwoTowerModel, prepared: Prepared, train_rows: np.ndarray,
         item_emb = torch.cat([item_emb, bias], dim=1)
         query_emb = torch.cat([query_emb, torch.ones(len(query_emb), 1,
                                                      dtype=query_emb.dtype)], dim=1)
-    exclude = seen_before(data.user, data.timestamp, data.item_row, test_rows) \
+    exclude = data.seen_before(test_rows) \
         if exclude_seen else None
     return evaluate_retrieval(query_emb, item_emb, data.item_row[test_rows],
                               data.item_counts(train_rows), ks, exclude, bootstrap)

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from twotower.data.history import seen_before
 from twotower.evaluate import Rankings, embed, index_rankings, retrieval_metrics
 from twotower.experiment import Prepared
 from twotower.features import Bag
@@ -81,7 +80,7 @@ def index_score(model: TwoTowerModel, prepared: Prepared, index: ItemIndex,
     """
     data = prepared.interactions
     query_emb = embed(model, prepared.queries, "query", test_rows).numpy()
-    exclude = seen_before(data.user, data.timestamp, data.item_row, test_rows) \
+    exclude = data.seen_before(test_rows) \
         if exclude_seen else None
     if exclude is not None:
         exclude = Bag(index_rows[exclude.values], exclude.offsets)

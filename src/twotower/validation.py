@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from twotower.data.history import seen_before
 from twotower.evaluate import embed, evaluate_retrieval
 from twotower.towers import TwoTowerModel
 
@@ -76,7 +75,7 @@ class Validation:
         # event, the training counts and each event's excluded items.
         self.positives = data.item_row[valid_rows]
         self.train_counts = data.item_counts(train_rows)
-        self.exclude = seen_before(data.user, data.timestamp, data.item_row, valid_rows) \
+        self.exclude = data.seen_before(valid_rows) \
             if exclude_seen else None
 
     def score(self, model: TwoTowerModel) -> dict[str, float]:

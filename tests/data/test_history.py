@@ -7,16 +7,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from twotower.data.history import causal_history
+from twotower.data.history import causal_history, seen_before
 from twotower.features import Bag
 
 
-def history_reference(users, timestamps, items, length) -> list[list[int]]:
-    """Per event: its user's items with a strictly earlier time, by (time, input order), last N."""
+def history_reference(users, timestamps, items, length, ordered=False) -> list[list[int]]:
+    """Per event: its user's items with a strictly earlier time (``ordered``: or the same
+    time and earlier in the input), by (time, input order), last N."""
     out = []
     for e in range(len(users)):
         earlier = [(int(timestamps[f]), f) for f in range(len(users))
-                   if users[f] == users[e] and timestamps[f] < timestamps[e]]
+                   if users[f] == users[e] and (int(timestamps[f]), f) < (int(timestamps[e]), e)
+                   and (ordered or timestamps[f] < timestamps[e])]
         earlier.sort()
         kept = earlier[max(0, len(earlier) - length):] if length else []
         out.append([int(items[f]) for _, f in kept])
@@ -45,17 +47,32 @@ def test_small_known_example():
     assert as_lists(causal_history(users, times, items, length=10))[3] == [101, 100, 103]
 
 
+def test_ordered_ties_see_the_earlier_events_at_their_time():
+    users = np.array([1, 2, 1, 1, 2, 1])
+    times = np.array([20, 20, 10, 30, 5, 20])
+    items = np.array([100, 200, 101, 102, 201, 103])
+    assert as_lists(causal_history(users, times, items, length=2, ordered=True)) == [
+        [101],        # user 1 at 20, first of its time in the input
+        [201],
+        [],
+        [100, 103],
+        [],
+        [101, 100],   # user 1 at 20, second: sees the first
+    ]
+
+
+@pytest.mark.parametrize("ordered", [False, True])
 @pytest.mark.parametrize("seed", range(20))
-def test_matches_brute_force_on_random_logs_with_ties(seed):
+def test_matches_brute_force_on_random_logs_with_ties(seed, ordered):
     rng = np.random.default_rng(seed)
     n = int(rng.integers(1, 120))
     users = rng.integers(0, int(rng.integers(1, 6)), n).astype(np.int64)
     times = rng.integers(0, int(rng.integers(1, 12)), n).astype(np.int64)  # many ties
     items = rng.integers(0, 1000, n).astype(np.int64)
     length = int(rng.integers(0, 8))
-    got = causal_history(users, times, items, length)
+    got = causal_history(users, times, items, length, ordered)
     assert got.offsets.dtype == np.int64 and len(got) == n
-    assert as_lists(got) == history_reference(users, times, items, length)
+    assert as_lists(got) == history_reference(users, times, items, length, ordered)
 
 
 def test_empty_log():
@@ -91,3 +108,17 @@ def test_no_event_sees_itself_or_the_future(events, length):
         earlier = sum(1 for f in range(len(events))
                       if users[f] == users[e] and times[f] < times[e])
         assert len(bag) == min(length, earlier)
+
+
+@pytest.mark.parametrize("ordered", [False, True])
+@pytest.mark.parametrize("seed", range(5))
+def test_seen_before_is_the_unbounded_history_of_the_chosen_events(seed, ordered):
+    rng = np.random.default_rng(seed)
+    n = 80
+    users = rng.integers(0, 4, n).astype(np.int64)
+    times = rng.integers(0, 10, n).astype(np.int64)
+    items = rng.integers(0, 1000, n).astype(np.int64)
+    rows = rng.choice(n, 15, replace=False)
+    expected = history_reference(users, times, items, n, ordered)
+    got = as_lists(seen_before(users, times, items, rows, ordered))
+    assert got == [expected[r] for r in rows]

@@ -101,6 +101,18 @@ def test_histories_of_keys_and_of_list_attributes(tmp_path):
     assert data.query_columns(["device"])["device"].to_pylist() == list("babcaaa")
 
 
+def test_ordered_ties_let_an_event_see_those_before_it_at_its_time(tmp_path):
+    schema = with_changes(events={**SCHEMA["events"], "ties": "ordered"})
+    data = load(load_schema(write(tmp_path, schema)))
+    assert data.columns.ties == "ordered"
+    # u1's items 10 and 40 share t5: 40 (later in the file) now sees 10.
+    assert as_lists(data.query_columns(["history"])["history"]) == [
+        [], [], [20], [], [30], [30, 10], [30, 10, 40]]
+    # An evaluation excludes what the histories hold: 40's exclusions include 10.
+    expected = data.item_rows(np.array([30, 10])).tolist()
+    assert as_lists(data.seen_before(np.array([5]))) == [expected]
+
+
 def test_model_config_shares_tables_and_sizes_auto_ones(tmp_path):
     schema = load_schema(write(tmp_path))
     data = load(schema)
@@ -167,6 +179,8 @@ def test_round_trips_through_json(tmp_path):
     ({"split": {"kind": "column"}}, r"a column split names its column"),
     ({"cleaning": {"k_core": -1}}, r"cleaning\.k_core: Input should be greater than or equal"),
     ({"missing_items": "ignore"}, r"missing_items: Input should be 'error' or 'drop'"),
+    ({"events": {**SCHEMA["events"], "ties": "random"}},
+     r"events\.ties: Input should be 'simultaneous' or 'ordered'"),
     ({"events": {"user": "user_id"}}, r"give events\.path and items\.path"),
     ({"query_features": []}, r"query_features: List should have at least 1 item"),
 ])

@@ -38,19 +38,21 @@ def as_lists(bag) -> list[list[int]]:
 
 @settings(max_examples=200, deadline=None)
 @given(events=st.lists(st.tuples(st.integers(0, 4), st.integers(0, 3)), max_size=50),
-       cuts=st.lists(st.integers(0, 50), max_size=6), length=st.integers(0, 5))
-def test_history_state_equals_whole_log_history(events, cuts, length):
+       cuts=st.lists(st.integers(0, 50), max_size=6), length=st.integers(0, 5),
+       ordered=st.booleans())
+def test_history_state_equals_whole_log_history(events, cuts, length, ordered):
     events = sorted(events, key=lambda e: e[1])  # time order, ties in list order
     users = np.array([u for u, _ in events], dtype=np.int64)
     times = np.array([t for _, t in events], dtype=np.int64)
     items = np.arange(len(events), dtype=np.int64)  # item e is event e
     bounds = sorted({0, len(events), *(c for c in cuts if c <= len(events))})
-    state, got = HistoryState(length), []
+    state, got = HistoryState(length, ordered), []
     for start, stop in itertools.pairwise(bounds):
         got += as_lists(state.extend(users[start:stop], times[start:stop], items[start:stop]))
-    assert got == as_lists(causal_history(users, times, items, length))
-    for e, bag in enumerate(got):  # never itself, never a later or same-time event
-        assert all(f != e and users[f] == users[e] and times[f] < times[e] for f in bag)
+    assert got == as_lists(causal_history(users, times, items, length, ordered))
+    for e, bag in enumerate(got):  # never itself or later; a same-time event only if ordered
+        assert all(users[f] == users[e] and (times[f] < times[e] or (ordered and f < e))
+                   for f in bag)
     # What is carried is bounded by the history length, not by the log.
     assert all(np.sum(state.users == u) <= 2 * length for u in np.unique(users))
 

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 import pyarrow as pa
@@ -21,7 +22,7 @@ import pyarrow.parquet as pq
 from twotower.data import checks
 from twotower.data.cleaning import Cleaning, clean
 from twotower.data.corpus import ItemCorpus
-from twotower.data.history import HistoryFeature, causal_history, history_of, last_n
+from twotower.data.history import HistoryFeature, causal_history, history_of, last_n, seen_before
 from twotower.data.splits import time_split
 from twotower.features import Bag
 
@@ -29,6 +30,8 @@ __all__ = ["HISTORY", "LIST_SEPARATOR", "Columns", "Interactions", "item_columns
            "lists_from_text", "load_interactions", "read_table", "unknown_items"]
 
 HISTORY = "history"
+Ties = Literal["simultaneous", "ordered"]
+TIES: tuple[str, ...] = get_args(Ties)
 MISSING_ITEMS: tuple[str, ...] = ("error", "drop")
 
 
@@ -39,7 +42,9 @@ class Columns:
     ``item`` names the item column of the events and ``item_key`` the key column of the
     items table (default: the same name). ``history_length`` is the length of the default
     ``history`` query feature (the keys of the user's last items); a schema's history
-    features may use any length up to it.
+    features may use any length up to it. ``ties``: whether a user's events at the same
+    time see each other in file order (``ordered``) or not at all (``simultaneous``;
+    :mod:`twotower.data.history` says when to use which).
     """
 
     user: str = "user_id"
@@ -49,6 +54,16 @@ class Columns:
     item_features: tuple[str, ...] = ("channel", "category")
     history_length: int = 20
     item_key: str | None = None
+    ties: Ties = "simultaneous"
+
+    def __post_init__(self) -> None:
+        if self.ties not in TIES:
+            raise ValueError(f"ties must be one of {TIES}, got {self.ties!r}")
+
+    @property
+    def ordered(self) -> bool:
+        """Whether events at the same time see the earlier ones in the log."""
+        return self.ties == "ordered"
 
     @property
     def key(self) -> str:
@@ -61,9 +76,9 @@ class Interactions:
     """Events in time order (ties kept in file order) and the item corpus.
 
     ``item_row[e]`` is the row of event ``e``'s item in ``items``; ``history_rows`` holds,
-    per event, the item rows of the user's last ``columns.history_length`` items strictly
-    before it (``history`` the same as item keys). ``context`` holds further query
-    features by name: event columns and history features of a schema.
+    per event, the item rows of the user's last ``columns.history_length`` items before it
+    (``history`` the same as item keys). ``context`` holds further query features by name:
+    event columns and history features of a schema.
     """
 
     columns: Columns
@@ -83,8 +98,13 @@ class Interactions:
 
     @cached_property
     def history(self) -> Bag:
-        """Per event, the keys of the user's last items strictly before it (oldest first)."""
+        """Per event, the keys of the user's last items before it (oldest first)."""
         return history_of(self.history_rows, self.item_keys)
+
+    def seen_before(self, rows: np.ndarray) -> Bag:
+        """For events ``rows``, the item rows of everything their user had before them
+        (the items an evaluation excludes), ties as the histories have them."""
+        return seen_before(self.user, self.timestamp, self.item_row, rows, self.columns.ordered)
 
     def query_columns(self, names: Iterable[str] | None = None) -> dict[str, object]:
         """The raw query features of every event, by feature name (default: all)."""
@@ -244,7 +264,8 @@ def load_interactions(events: str | Path | pa.Table, items: str | Path | pa.Tabl
     report["events_kept"] = len(rows)
 
     user, item, timestamp = user[rows], item[rows], timestamp[rows]
-    history_rows = causal_history(user, timestamp, item_row[rows], columns.history_length)
+    history_rows = causal_history(user, timestamp, item_row[rows], columns.history_length,
+                                  columns.ordered)
     extra = {name: events.column(name).take(pa.array(rows)) for name in context}
     extra.update(history_features(history_rows, corpus, histories, where_items))
     return Interactions(columns, user, item, item_row[rows], timestamp, reward[rows],

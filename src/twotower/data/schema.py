@@ -9,6 +9,8 @@ is wrong with it. Relative paths are relative to the schema file. A complete exa
       item: item_id
       time: timestamp             # a clock, or any per-user ordering (a position)
       reward: watch_fraction      # optional; every event weighs 1 without it
+      ties: simultaneous          # a user's events at one time: see none of each other,
+                                  # or `ordered`: each sees those before it in the file
     items:                        # one row per corpus item
       path: data/items.parquet
       key: item_id
@@ -40,7 +42,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from twotower.data.cleaning import Cleaning
 from twotower.data.history import HistoryFeature
-from twotower.data.interactions import HISTORY, Columns
+from twotower.data.interactions import HISTORY, Columns, Ties
 from twotower.features import FeatureSpec
 
 __all__ = ["Schema", "SchemaError", "load_schema", "parse_schema"]
@@ -72,6 +74,7 @@ class EventsConfig(_Strict):
     item: str = "item_id"
     time: str = "timestamp"
     reward: str | None = None
+    ties: Ties = "simultaneous"
 
 
 class ItemsConfig(_Strict):
@@ -234,7 +237,8 @@ class Schema(_Strict):
         item += [{"name": name, "kind": "id"} for name in columns.item_features]
         return parse_schema({
             "events": {"path": str(events), "user": columns.user, "item": columns.item,
-                       "time": columns.timestamp, "reward": columns.reward},
+                       "time": columns.timestamp, "reward": columns.reward,
+                       "ties": columns.ties},
             "items": {"path": str(items), "key": columns.key},
             "missing_items": missing_items, "query_features": query, "item_features": item},
             "--events/--items").with_base(Path())
@@ -246,7 +250,8 @@ class Schema(_Strict):
                        reward=self.events.reward,
                        item_features=tuple(f.name for f in self.item_features),
                        history_length=max(lengths, default=0),
-                       item_key=None if self.items.key == self.events.item else self.items.key)
+                       item_key=None if self.items.key == self.events.item else self.items.key,
+                       ties=self.events.ties)
 
     def histories(self) -> list[HistoryFeature]:
         return [HistoryFeature(f.name, f.history, f.length) for f in self.query_features

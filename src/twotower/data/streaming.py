@@ -222,7 +222,7 @@ class EventStream:
     def _checked(self) -> Iterator[_Piece]:
         """Every record batch checked, filtered and with its histories, in order."""
         keep = self._cleaning()
-        state = HistoryState(self.columns.history_length)
+        state = HistoryState(self.columns.history_length, self.columns.ordered)
         context = self.schema.context()
         position = 0
         self.report = {"events_read": 0, "events_unknown_item": 0, **self._cleaning_report,
