@@ -12,7 +12,9 @@ What it does, as a user with this split would:
    ``a|b|c`` feature column becomes a list column);
 2. writes a schema from the items' header alone (no per-data-set constant): the query
    is the user's item history (and, when items have a feature column, that column over
-   the history); the item is its id (and its feature); ``split: {kind: column}``;
+   the history); the item is its id (and its feature); ``split: {kind: column}``; the
+   events keep the protocol's order, ties included (``ties: ordered`` lets a history hold
+   the events before it at its own time);
 3. ``twotower train``: in ``valid`` it validates every epoch on the validation events,
    keeps the best epoch and stops after ``--patience`` epochs without a gain; in
    ``test`` it trains ``settings["epochs"]`` epochs on train + valid;
@@ -69,8 +71,9 @@ def phase_events(split_dir: Path, phase: str) -> tuple[list[tuple], list[dict]]:
         events = train + [(*v, "valid") for v in valid]
     else:
         events = train + [(*v, "train") for v in valid]
-    # Per user in time order, ties by item id, as the protocol orders them.
-    events.sort(key=lambda e: (e[2], e[0], e[1]))
+    # By time; a user's events at one time stay in the split files' order, which is the
+    # protocol's (by item id) and puts a validation target after its user's train events.
+    events.sort(key=lambda e: (e[2], e[0]))
     return events, read_csv(split_dir / f"{phase}.csv")
 
 
@@ -103,7 +106,7 @@ def schema(feature: str | None, settings: dict, phase: str) -> dict:
                       "length": int(settings.get("history", 50)), "table": feature})
         item.append({"name": feature, "kind": "id_list", "table": feature})
     return {"events": {"path": "events.parquet", "user": "user_id", "item": "item_id",
-                       "time": "timestamp"},
+                       "time": "timestamp", "ties": settings.get("ties", "simultaneous")},
             "items": {"path": "items.parquet", "key": "item_id"},
             "missing_items": "error", "query_features": query, "item_features": item,
             # Without the setting, no history dropout: what the earlier records measured.
