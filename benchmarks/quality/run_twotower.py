@@ -177,8 +177,7 @@ def main() -> None:
     shutil.rmtree(model, ignore_errors=True)  # a fresh model every run
     twotower("train", "--schema", str(out / "schema.json"), "--out", str(model),
              "--epochs", str(epochs), "--patience", str(args.patience * args.eval_every),
-             "--seed", str(args.seed),
-             "--quiet", *flags)
+             "--seed", str(args.seed), "--quiet", *flags)
     seconds = time.perf_counter() - start
 
     start = time.perf_counter()

@@ -210,7 +210,6 @@ def score(model: TwoTowerModel, prepared: Prepared, train_rows: np.ndarray,
         item_emb = torch.cat([item_emb, bias], dim=1)
         query_emb = torch.cat([query_emb, torch.ones(len(query_emb), 1,
                                                      dtype=query_emb.dtype)], dim=1)
-    exclude = data.seen_before(test_rows) \
-        if exclude_seen else None
+    exclude = data.seen_before(test_rows) if exclude_seen else None
     return evaluate_retrieval(query_emb, item_emb, data.item_row[test_rows],
                               data.item_counts(train_rows), ks, exclude, bootstrap)

@@ -80,8 +80,7 @@ def index_score(model: TwoTowerModel, prepared: Prepared, index: ItemIndex,
     """
     data = prepared.interactions
     query_emb = embed(model, prepared.queries, "query", test_rows).numpy()
-    exclude = data.seen_before(test_rows) \
-        if exclude_seen else None
+    exclude = data.seen_before(test_rows) if exclude_seen else None
     if exclude is not None:
         exclude = Bag(index_rows[exclude.values], exclude.offsets)
     positives = data.item_row[test_rows]

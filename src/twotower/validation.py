@@ -75,8 +75,7 @@ class Validation:
         # event, the training counts and each event's excluded items.
         self.positives = data.item_row[valid_rows]
         self.train_counts = data.item_counts(train_rows)
-        self.exclude = data.seen_before(valid_rows) \
-            if exclude_seen else None
+        self.exclude = data.seen_before(valid_rows) if exclude_seen else None
 
     def score(self, model: TwoTowerModel) -> dict[str, float]:
         query_emb = embed(model, self.prepared.queries, "query", self.valid_rows)

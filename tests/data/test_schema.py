@@ -101,6 +101,12 @@ def test_histories_of_keys_and_of_list_attributes(tmp_path):
     assert data.query_columns(["device"])["device"].to_pylist() == list("babcaaa")
 
 
+def test_columns_name_an_unknown_ties_value():
+    with pytest.raises(ValueError, match=r"ties must be one of \('simultaneous', 'ordered'\), "
+                                         r"got 'random'"):
+        Columns(ties="random")
+
+
 def test_ordered_ties_let_an_event_see_those_before_it_at_its_time(tmp_path):
     schema = with_changes(events={**SCHEMA["events"], "ties": "ordered"})
     data = load(load_schema(write(tmp_path, schema)))
