@@ -122,7 +122,7 @@ def test_continue_on_day_three(log, tmp_path):
     _, estimator, config = load_model(tmp_path)
     for key, value in reference.state_dict().items():
         assert np.array_equal(estimator.state_dict()[key], value), key
-    # Optimizer state went on too (SparseAdam counts its steps).
+    # Optimizer state went on too (lazy Adam counts its steps).
     saved = load_checkpoint(tmp_path)
     assert saved.optimizers[0]["state"][0]["step"] == steps_12 + steps_3
     assert saved.state["inputs_done"][-1] == "day-3" and len(saved.state["inputs_done"]) == 2

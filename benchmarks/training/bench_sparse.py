@@ -1,4 +1,4 @@
-"""Step time against table size: sparse updates (SparseAdam) versus dense Adam.
+"""Step time against table size: sparse updates (lazy Adam) versus dense Adam.
 
 The quickstart model (dim 32, towers [256] -> 64, batch 1024) with its user and item
 tables at 2**16 and at 2**22 buckets each. With sparse gradients a step touches only the
