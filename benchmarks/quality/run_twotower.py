@@ -24,8 +24,11 @@ What it does, as a user with this split would:
    predictions file.
 
 Writes ``DIR/predictions.jsonl`` and ``DIR/run.json`` (training seconds, examples per
-second, best epoch, the validation curve). Run it with the Python of the repository's
-own virtual environment (where ``twotower`` is installed).
+second, best epoch, the validation curve). A run killed midway (the job stopped, the
+machine restarted) goes on from its last checkpoint when the same command runs again;
+its seconds are those of every attempt up to the last checkpoint each wrote. Run it
+with the Python of the repository's own virtual environment (where ``twotower`` is
+installed).
 """
 
 from __future__ import annotations
@@ -52,6 +55,10 @@ FLAGS = {"lr": "--lr", "temperature": "--temperature", "batch_size": "--batch-si
 # these on the validation targets, after the epoch: 0, and -0.2, -0.4 and -1 times the
 # default temperature (negative favours popular items).
 PENALTIES = (0.0, -0.01, -0.02, -0.05)
+# Each attempt at a run (a killed one is started again by the same command): when it
+# began and, once a later attempt resumes it, the seconds it trained up to its last
+# checkpoint.
+ATTEMPTS = "attempts.json"
 # Settings that go into the schema's `model` section.
 MODEL = ("dim", "hidden", "output_dim", "dropout", "history_dropout")
 
@@ -154,6 +161,31 @@ def choose_penalty(model: Path) -> tuple[float, dict[str, float]]:
     return max(PENALTIES, key=lambda beta: recall[str(beta)]), recall
 
 
+def earlier_seconds(out: Path, model: Path, train: list[str]) -> float | None:
+    """Training seconds the earlier attempts at this same run put into the checkpoint it can
+    go on from, or None when it starts afresh; records this attempt in ``out/ATTEMPTS``.
+
+    An attempt's useful time ends at the last checkpoint it wrote: what it trained after
+    that is trained again. A run is the same when its ``twotower train`` command and
+    schema are; a run that finished removed its checkpoints, so it starts afresh."""
+    record_path, checkpoints = out / ATTEMPTS, model / "checkpoints"
+    record = json.loads(record_path.read_text()) if record_path.exists() else {}
+    schema = (out / "schema.json").read_text()
+    written = [p.stat().st_mtime for p in checkpoints.rglob("*") if p.is_file()] \
+        if checkpoints.is_dir() else []
+    same = record.get("train") == train and record.get("schema") == schema
+    if not (same and written and record.get("attempts")):
+        record = {"train": train, "schema": schema, "attempts": []}
+    else:
+        last = record["attempts"][-1]
+        last.setdefault("seconds", max(0.0, max(written) - last["started"]))
+    resumed = bool(record["attempts"])
+    earlier = sum(a["seconds"] for a in record["attempts"])
+    record["attempts"].append({"started": time.time()})
+    record_path.write_text(json.dumps(record, indent=1) + "\n")
+    return earlier if resumed else None
+
+
 def main() -> None:
     # The peers' command line. twotower validates every epoch and stops after as many epochs
     # without a gain as the peers wait (--patience checks, one every --eval-every epochs): on
@@ -173,12 +205,21 @@ def main() -> None:
     epochs = args.max_epochs if args.phase == "valid" else int(settings["epochs"])
     flags = [f"{flag}={settings[name]}" for name, flag in FLAGS.items() if name in settings]
     model = out / "model"
-    start = time.perf_counter()
-    shutil.rmtree(model, ignore_errors=True)  # a fresh model every run
-    twotower("train", "--schema", str(out / "schema.json"), "--out", str(model),
+    train = ["train", "--schema", str(out / "schema.json"), "--out", str(model),
              "--epochs", str(epochs), "--patience", str(args.patience * args.eval_every),
-             "--seed", str(args.seed), "--quiet", *flags)
-    seconds = time.perf_counter() - start
+             "--seed", str(args.seed), "--quiet", *flags]
+    earlier = earlier_seconds(out, model, train)
+    start = time.perf_counter()
+    if earlier is None:
+        shutil.rmtree(model, ignore_errors=True)  # a fresh model
+        twotower(*train)
+    else:  # the same run, killed: on from its last checkpoint (written every 1,000 steps)
+        print(f"[{out.name}] resuming {model} after {earlier:.0f}s of earlier attempts",
+              file=sys.stderr, flush=True)
+        twotower("train", "--resume", str(model), "--schema", str(out / "schema.json"),
+                 "--quiet")
+    attempt = time.perf_counter() - start
+    seconds = (earlier or 0.0) + attempt
 
     start = time.perf_counter()
     feature_of = None
@@ -205,11 +246,16 @@ def main() -> None:
 
     predict_seconds = time.perf_counter() - start
     records = [json.loads(line) for line in (model / "metrics.jsonl").read_text().splitlines()]
-    curve = [{"epoch": r["epoch"], "recall@50": r["recall@50"]} for r in records
-             if r.get("event") == "validation"]
+    # An epoch a killed attempt validated after its last checkpoint was trained and
+    # validated again by the next: the later record stands.
+    curve = {r["epoch"]: {"epoch": r["epoch"], "recall@50": r["recall@50"]} for r in records
+             if r.get("event") == "validation"}
+    curve = [curve[epoch] for epoch in sorted(curve)]
     summary = [r for r in records if r.get("event") == "input"][-1]
     report = {"train_seconds": seconds, "examples": summary["examples"],
-              "examples_per_second": summary["examples"] / seconds,
+              # the last attempt's pace: its examples over its own seconds
+              "examples_per_second": summary["examples"] / attempt,
+              "attempts": len(json.loads((out / ATTEMPTS).read_text())["attempts"]),
               "epochs_trained": max((c["epoch"] for c in curve), default=epochs),
               "best_epoch": summary.get("best_epoch", epochs),
               "predict_seconds": predict_seconds, "curve": curve,
