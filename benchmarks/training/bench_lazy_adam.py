@@ -23,6 +23,7 @@ import time
 
 import numpy as np
 import torch
+from step_timing import interleaved_step_times
 from torch import nn
 
 from twotower.data.interactions import Columns, load_interactions
@@ -103,17 +104,10 @@ def main() -> None:
     # histories; 200,000 items, so their rows are mostly distinct, as on a large catalogue.
     log = generate(SyntheticConfig(num_days=14, num_items=200_000))
     runs = {**pair(log, 20), **pair(log, 50)}
-    times: dict[str, list[float]] = {name: [] for name in runs}
     end = log.events.num_rows
     warm_up = np.arange(end - (3 + args.steps) * BATCH, end - args.steps * BATCH)
     rows = np.arange(end - args.steps * BATCH, end)
-    for trainer, prepared in runs.values():
-        trainer.fit(prepared.training_data(warm_up), "warm-up")
-    for round_ in range(args.rounds):
-        for name, (trainer, prepared) in runs.items():
-            summary = trainer.fit(prepared.training_data(rows), f"round {round_}")
-            times[name].append(summary["seconds"] / summary["steps"])
-            print(f"round {round_} {name:24s} {1000 * times[name][-1]:8.1f} ms/step", flush=True)
+    times = interleaved_step_times(runs, warm_up, rows, args.rounds)
 
     medians = {name: statistics.median(t) for name, t in times.items()}
     names = list(runs)

@@ -18,6 +18,7 @@ from dataclasses import asdict
 
 import numpy as np
 import torch
+from step_timing import interleaved_step_times
 
 from twotower.data.interactions import load_interactions
 from twotower.data.synthetic import SyntheticConfig, generate
@@ -60,15 +61,8 @@ def main() -> None:
     log = generate(synth)
     interactions = load_interactions(log.events, log.items)
     runs = trainers(interactions, [1 << 16, 1 << 22], dense=not args.no_dense)
-    times: dict[str, list[float]] = {name: [] for name in runs}
     warm_up, rows = np.arange(3 * BATCH), np.arange(3 * BATCH, (3 + args.steps) * BATCH)
-    for trainer, prepared in runs.values():  # first-touch allocation of optimizer state
-        trainer.fit(prepared.training_data(warm_up), "warm-up")
-    for round_ in range(args.rounds):
-        for name, (trainer, prepared) in runs.items():
-            summary = trainer.fit(prepared.training_data(rows), f"round {round_}")
-            times[name].append(summary["seconds"] / summary["steps"])
-            print(f"round {round_} {name:12s} {1000 * times[name][-1]:8.1f} ms/step", flush=True)
+    times = interleaved_step_times(runs, warm_up, rows, args.rounds)
 
     results = {name: statistics.median(t) for name, t in times.items()}
     print(f"\nmedian step time, batch {BATCH}, quickstart model, user and item tables at N "
