@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from twotower import evaluate
 from twotower.evaluate import (
     GROUPS,
+    MISS,
     Rankings,
     evaluate_retrieval,
     exact_rankings,
@@ -31,16 +32,18 @@ def exact_embeddings(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
 
 
 def reference_metrics(query, items, positives, train_counts, ks, exclude_lists) -> dict:
-    """Per query: mask excluded items (never the positive), rank = items scoring >= positive."""
+    """Per query: mask excluded items, rank = other items scoring >= the positive (a miss
+    when the positive itself is excluded)."""
     scores = query.astype(np.float64) @ items.astype(np.float64).T
     ranks, tops = [], []
     top_k = min(max(ks), len(items))
     for q in range(len(query)):
         row = scores[q].copy()
-        for j in (exclude_lists[q] if exclude_lists is not None else []):
-            if j != positives[q]:
-                row[j] = -np.inf
-        ranks.append(sum(1 for j in range(len(items)) if j != positives[q]
+        excluded = exclude_lists[q] if exclude_lists is not None else []
+        for j in excluded:
+            row[j] = -np.inf
+        ranks.append(MISS if positives[q] in excluded else
+                     sum(1 for j in range(len(items)) if j != positives[q]
                          and row[j] >= row[positives[q]]))
         order = np.argsort(-row, kind="stable")
         # The top-k set is only well defined without a tie across its boundary.
@@ -99,7 +102,7 @@ def test_matches_brute_force(seed, with_exclude):
     if with_exclude:
         exclude_lists = [rng.integers(0, num_items, int(rng.integers(0, 6))).tolist()
                          for _ in range(num_queries)]
-        for q in range(num_queries):  # sometimes the positive itself is listed: kept
+        for q in range(num_queries):  # sometimes the positive itself is listed: a miss
             if rng.random() < 0.3:
                 exclude_lists[q].append(int(positives[q]))
         exclude = Bag.from_lists(exclude_lists)
@@ -153,13 +156,16 @@ def test_exclude_known_example():
     query = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
     items = torch.tensor([[3.0, 0.0], [2.0, 0.0], [1.0, 0.0], [0.0, 0.0]])
     positives = np.array([2, 1])
-    # Query 0 excludes items 0 and 2 (its positive: kept) -> rank 1 (item 1 only).
+    # Query 0 excludes items 0 and 2, its positive: a miss at every K.
     # Query 1 excludes items 0, 0 (repeat) and 3 -> rank 0.
     exclude = Bag.from_lists([[0, 2], [0, 0, 3]])
     got = evaluate_retrieval(query, items, positives, np.ones(4, np.int64), ks=(1, 2),
                              exclude=exclude)
     assert got["recall@1"] == 0.5
-    assert got["recall@2"] == 1.0
+    assert got["recall@2"] == 0.5
+    kept = evaluate_retrieval(query, items, positives, np.ones(4, np.int64), ks=(1, 2),
+                              exclude=Bag.from_lists([[0], [0, 0, 3]]))
+    assert kept["recall@1"] == 0.5 and kept["recall@2"] == 1.0  # item 2 ranks second
     no_exclude = evaluate_retrieval(query, items, positives, np.ones(4, np.int64), ks=(1, 2))
     assert no_exclude["recall@1"] == 0.0 and no_exclude["recall@2"] == 0.5
 
@@ -255,15 +261,16 @@ def test_bootstrap_interval_brackets_the_mean():
 # exact_rankings against a full sort, over shapes that cross every block boundary.
 
 def brute_force_rankings(query, items, positives, exclude_lists):
-    """``(scores, ranks)``: float64 scores with excluded items at -inf (never the
-    positive), and per query the number of other items scoring at least the positive."""
+    """``(scores, ranks)``: float64 scores with excluded items at -inf, and per query the
+    number of other items scoring at least the positive (a miss when it is excluded)."""
     scores = query.astype(np.float64) @ items.astype(np.float64).T
+    positive = scores[np.arange(len(query)), positives]
     for q, excluded in enumerate(exclude_lists):
         for j in excluded:
-            if j != positives[q]:
-                scores[q, j] = -np.inf
-    positive = scores[np.arange(len(query)), positives]
-    return scores, (scores >= positive[:, None]).sum(1) - 1
+            scores[q, j] = -np.inf
+    ranks = (scores >= positive[:, None]).sum(1) - 1
+    seen = [positives[q] in excluded for q, excluded in enumerate(exclude_lists)]
+    return scores, np.where(seen, MISS, ranks)
 
 
 def assert_exact(got: Rankings, query, items, positives, top_k, exclude_lists) -> None:
@@ -313,7 +320,7 @@ def test_exact_rankings_match_a_full_sort(num_items, num_queries, dim, levels, t
     items = tie_heavy_embeddings(rng, num_items, dim, levels)
     query = tie_heavy_embeddings(rng, num_queries, dim, levels)
     positives = rng.integers(0, num_items, num_queries)
-    # Exclusion lists with repeats, the query's own positive (kept) and other queries'
+    # Exclusion lists with repeats, the query's own positive (a miss) and other queries'
     # positives; long enough, at times, to leave fewer than top_k items.
     exclude_lists = [rng.integers(0, num_items, int(rng.integers(0, max_excluded + 1))).tolist()
                      + rng.choice(positives, int(rng.integers(0, 3))).tolist()
@@ -336,14 +343,17 @@ def test_exact_rankings_edge_shapes(num_items, top_k, workers):
     query = tie_heavy_embeddings(rng, 9, 3, 2)
     positives = rng.integers(0, num_items, 9)
     exclude_lists = [[] for _ in range(9)]
-    exclude_lists[0] = list(range(num_items))  # everything but the positive: a short list
+    # everything but the positive: a short list
+    exclude_lists[0] = [j for j in range(num_items) if j != positives[0]]
     exclude_lists[1] = [int(positives[2])] * 3  # another query's positive
+    exclude_lists[2] = list(range(num_items))  # everything: an empty list and a miss
     got = run_exact(query, items, positives, top_k, exclude_lists, query_block=4,
                     item_block=64, workers=workers)
     assert_exact(got, query, items, positives, top_k, exclude_lists)
     if top_k:
         assert got.top[0].tolist() == [positives[0]] + [-1] * (got.top.shape[1] - 1)
-    assert got.ranks[0] == 0
+        assert (got.top[2] == -1).all()
+    assert got.ranks[0] == 0 and got.ranks[2] == MISS
 
 
 @pytest.mark.parametrize("item_block", [64, 2048])

@@ -688,8 +688,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on", choices=["test", "valid"], default="test",
                    help="which part of the split to evaluate on")
     p.add_argument("--exclude-seen", action="store_true",
-                   help="drop items the user interacted with before from each ranking; an "
-                        "event whose item the user saw before keeps it rankable")
+                   help="drop items the user interacted with before from each ranking, as "
+                        "recommend --exclude-column does; an event whose item the user "
+                        "saw before is then a miss")
     p.add_argument("--ks", nargs="+", type=at_least(1), default=[10, 50, 100], metavar="K",
                    help="cut-offs (recall@K, ndcg@K, coverage@K)")
     p.add_argument("--bootstrap", type=at_least(0), default=1000, metavar="N",

@@ -20,7 +20,7 @@ import torch
 from twotower.features import Bag, EncodedFeatures
 from twotower.towers import TwoTowerModel
 
-__all__ = ["GROUPS", "Rankings", "embed", "evaluate_retrieval", "exact_rankings",
+__all__ = ["GROUPS", "MISS", "Rankings", "embed", "evaluate_retrieval", "exact_rankings",
            "index_rankings", "popularity_deciles", "popularity_groups", "retrieval_metrics"]
 
 GROUPS: tuple[str, ...] = ("head", "torso", "tail")
@@ -73,14 +73,27 @@ class Rankings:
     top: np.ndarray
 
 
-def _excluded_pairs(exclude: Bag, positives: np.ndarray, start: int,
-                    stop: int) -> tuple[np.ndarray, np.ndarray]:
-    """(query offset, item row) pairs to drop for queries ``start:stop``, positives kept."""
+# The rank of a positive that no list can hold (it was excluded): past every K.
+MISS = np.iinfo(np.int64).max // 2
+
+
+def _excluded_pairs(exclude: Bag, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    """(query offset, item row) pairs to drop for queries ``start:stop``.
+
+    A query's own positive is dropped too when it is listed (a user's repeat of an item
+    seen before): a recommender that excludes what the user has seen can never return
+    it, so it counts as a miss, as serving with the same exclusions would have it."""
     lengths = np.diff(exclude.offsets[start:stop + 1])
     rows = np.repeat(np.arange(stop - start), lengths)
-    cols = exclude.values[exclude.offsets[start]:exclude.offsets[stop]]
-    keep = cols != positives[start:stop][rows]
-    return rows[keep], cols[keep]
+    return rows, exclude.values[exclude.offsets[start]:exclude.offsets[stop]]
+
+
+def _positive_excluded(rows: np.ndarray, cols: np.ndarray, positives: np.ndarray) -> np.ndarray:
+    """Per query of a block (``positives`` its positives), whether its positive is among
+    its excluded (row, column) pairs."""
+    excluded = np.zeros(len(positives), dtype=bool)
+    excluded[rows[cols == positives[rows]]] = True
+    return excluded
 
 
 # Exact rankings stream the items through one reused score buffer per thread, block by
@@ -226,13 +239,14 @@ def exact_rankings(query_emb: torch.Tensor, item_emb: torch.Tensor, positives: n
         stop = min(start + query_block, num_queries)
         positive_emb = item_emb.new_zeros(block, item_emb.shape[1])
         positive_emb[:stop - start] = item_emb[torch.from_numpy(positives[start:stop])]
-        rows, cols = (_excluded_pairs(exclude, positives, start, stop) if exclude is not None
+        rows, cols = (_excluded_pairs(exclude, start, stop) if exclude is not None
                       else (np.zeros(0, np.int64), np.zeros(0, np.int64)))
         order = np.argsort(cols, kind="stable")
         with torch.no_grad():  # grad mode is per thread
             ranks[start:stop], top[start:stop] = _rank_query_block(
                 query_emb[start:stop], item_emb, tail, positive_emb, top_k,
                 (rows[order], cols[order]))
+        ranks[start:stop][_positive_excluded(rows, cols, positives[start:stop])] = MISS
 
     starts = range(0, num_queries, query_block)
     if workers == 1:
@@ -260,7 +274,7 @@ def index_rankings(index: object, query_emb: np.ndarray, positives: np.ndarray, 
     extra = int(np.diff(exclude.offsets).max(initial=0)) if exclude is not None else 0
     _, found = index.search_rows(query_emb, top_k + extra)
     if exclude is not None and extra:
-        rows, cols = _excluded_pairs(exclude, positives, 0, len(positives))
+        rows, cols = _excluded_pairs(exclude, 0, len(positives))
         n = len(index)  # (query, row) pairs as one int64 each, for one vectorised lookup
         dropped = np.isin(np.arange(len(found))[:, None] * n + found, rows * n + cols)
         dropped &= found >= 0
@@ -269,7 +283,7 @@ def index_rankings(index: object, query_emb: np.ndarray, positives: np.ndarray, 
                          np.take_along_axis(found, order, 1))
     found = found[:, :top_k]
     hit = found == np.asarray(positives)[:, None]
-    ranks = np.where(hit.any(axis=1), hit.argmax(axis=1), np.iinfo(np.int64).max // 2)
+    ranks = np.where(hit.any(axis=1), hit.argmax(axis=1), MISS)
     return Rankings(ranks, found)
 
 
@@ -344,7 +358,7 @@ def evaluate_retrieval(query_emb: torch.Tensor, item_emb: torch.Tensor, positive
         positives: ``[num_queries]`` row of each query's positive item in ``item_emb``.
         train_counts: ``[num_items]`` training events per item (popularity groups).
         exclude: per query, item rows to drop from its ranking (for example items the
-            user already saw); a query's own positive is never dropped.
+            user already saw); a query whose own positive is dropped is a miss.
     """
     rankings = exact_rankings(query_emb, item_emb, positives, max(ks), exclude)
     return retrieval_metrics(rankings, positives, train_counts, ks, bootstrap)

@@ -197,7 +197,8 @@ def score(model: TwoTowerModel, prepared: Prepared, train_rows: np.ndarray,
     """Full-corpus metrics of ``model`` on the events ``test_rows``.
 
     Popularity groups come from ``train_rows``; with ``exclude_seen`` every item the
-    user interacted with before the event is removed from its ranking; ``bootstrap``
+    user interacted with before the event is removed from its ranking (an event whose
+    item the user had before is then a miss, as it is at serving); ``bootstrap``
     resamples of the queries give 95% intervals of recall and NDCG. ``item_bias`` (one
     value per item row, such as ``-beta * log p_hat``) is added to every score: one more
     embedding column, 1 on the query side, as the index folds popularity in.
