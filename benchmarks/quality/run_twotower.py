@@ -161,9 +161,10 @@ def choose_penalty(model: Path) -> tuple[float, dict[str, float]]:
     return max(PENALTIES, key=lambda beta: recall[str(beta)]), recall
 
 
-def earlier_seconds(out: Path, model: Path, train: list[str]) -> float | None:
+def earlier_seconds(out: Path, model: Path, train: list[str]) -> tuple[float | None, int]:
     """Training seconds the earlier attempts at this same run put into the checkpoint it can
-    go on from, or None when it starts afresh; records this attempt in ``out/ATTEMPTS``.
+    go on from (None when it starts afresh), and how many attempts this one makes; records
+    this attempt in ``out/ATTEMPTS``.
 
     An attempt's useful time ends at the last checkpoint it wrote: what it trained after
     that is trained again. A run is the same when its ``twotower train`` command and
@@ -183,7 +184,7 @@ def earlier_seconds(out: Path, model: Path, train: list[str]) -> float | None:
     earlier = sum(a["seconds"] for a in record["attempts"])
     record["attempts"].append({"started": time.time()})
     record_path.write_text(json.dumps(record, indent=1) + "\n")
-    return earlier if resumed else None
+    return (earlier if resumed else None), len(record["attempts"])
 
 
 def main() -> None:
@@ -208,7 +209,7 @@ def main() -> None:
     train = ["train", "--schema", str(out / "schema.json"), "--out", str(model),
              "--epochs", str(epochs), "--patience", str(args.patience * args.eval_every),
              "--seed", str(args.seed), "--quiet", *flags]
-    earlier = earlier_seconds(out, model, train)
+    earlier, attempts = earlier_seconds(out, model, train)
     start = time.perf_counter()
     if earlier is None:
         shutil.rmtree(model, ignore_errors=True)  # a fresh model
@@ -255,7 +256,7 @@ def main() -> None:
     report = {"train_seconds": seconds, "examples": summary["examples"],
               # the last attempt's pace: its examples over its own seconds
               "examples_per_second": summary["examples"] / attempt,
-              "attempts": len(json.loads((out / ATTEMPTS).read_text())["attempts"]),
+              "attempts": attempts,
               "epochs_trained": max((c["epoch"] for c in curve), default=epochs),
               "best_epoch": summary.get("best_epoch", epochs),
               "predict_seconds": predict_seconds, "curve": curve,

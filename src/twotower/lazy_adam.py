@@ -47,7 +47,10 @@ class LazyAdam(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
                 state["step"] += 1
-                grad = (-p.grad if group["maximize"] else p.grad).coalesce()
+                # Coalesced once and kept: what reads the touched rows after the step
+                # (the trainer's finiteness test) reads each row once.
+                p.grad = p.grad.coalesce()
+                grad = -p.grad if group["maximize"] else p.grad
                 if grad._values().numel() == 0:
                     continue
                 _update_rows(p, grad._indices()[0], grad._values(), state, beta1, beta2,
